@@ -1,0 +1,240 @@
+"""Read and write one component folder of a diffusers pipeline (``unet/``, ``vae/``, ``text_encoder/``).
+
+A component folder holds ``config.json`` and weights in one of these forms, tried in this order:
+``<stem>[.<variant>].safetensors`` (read with numpy, no torch), a sharded
+``<stem>[.<variant>].safetensors.index.json``, the Flax ``*.msgpack`` of diffusers/transformers,
+or ``<stem>[.<variant>].bin`` (needs torch). Trees are returned as numpy arrays in
+``param_dtype``; placing them on devices is the caller's job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from instaflow_jax.models import (
+    AutoencoderKL,
+    CLIPTextConfig,
+    CLIPTextModel,
+    UNet2DConditionModel,
+    UNetConfig,
+    VAEConfig,
+)
+from instaflow_jax.precision import parse_dtype
+from instaflow_jax.weights import safetensors_io
+from instaflow_jax.weights.convert import (
+    check_tree,
+    flatten,
+    flax_to_torch,
+    torch_to_flax,
+    unflatten,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+    """How to build, check and name the files of one kind of component."""
+
+    family: str  # "unet", "vae" or "clip" (conversion rules)
+    config_cls: type
+    module_cls: type
+    torch_stems: tuple[str, ...]  # file stems of PyTorch weights, preferred first
+    msgpack_name: str
+    dummy_inputs: Callable[[Any], tuple]
+
+    def expected_shapes(self, module: Any) -> dict:
+        shapes = jax.eval_shape(module.init, jax.random.key(0), *self.dummy_inputs(module.config))
+        return flatten(shapes["params"])
+
+
+def _unet_inputs(c: UNetConfig) -> tuple:
+    side = 2 ** (len(c.block_out_channels) - 1)
+    return (
+        jnp.zeros((1, side, side, c.in_channels)),
+        jnp.ones((1,)),
+        jnp.zeros((1, 1, c.cross_attention_dim)),
+    )
+
+
+SPECS: dict[str, ComponentSpec] = {
+    "unet": ComponentSpec(
+        "unet", UNetConfig, UNet2DConditionModel, ("diffusion_pytorch_model",),
+        "diffusion_flax_model.msgpack", _unet_inputs,
+    ),
+    "vae": ComponentSpec(
+        "vae", VAEConfig, AutoencoderKL, ("diffusion_pytorch_model",),
+        "diffusion_flax_model.msgpack",
+        lambda c: (jnp.zeros((1, c.downsample_factor, c.downsample_factor, c.in_channels)),),
+    ),
+    "text_encoder": ComponentSpec(
+        "clip", CLIPTextConfig, CLIPTextModel, ("model", "pytorch_model"), "flax_model.msgpack",
+        lambda c: (jnp.zeros((1, 1), jnp.int32),),
+    ),
+}  # fmt: skip
+
+
+def _spec(kind: str) -> ComponentSpec:
+    if kind not in SPECS:
+        raise ValueError(f"unknown component {kind!r}; expected one of {sorted(SPECS)}.")
+    return SPECS[kind]
+
+
+def read_config(folder: str, kind: str) -> Any:
+    """Parse and validate ``folder/config.json`` into the component's config dataclass."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such folder (expected the {kind} component folder).")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; a diffusers {kind} folder needs config.json.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}.") from err
+    return _spec(kind).config_cls.from_dict(raw, source=path)
+
+
+def find_weights(folder: str, kind: str, variant: str | None = None) -> str:
+    """Path of the weights file to read, by the preference order in the module docstring."""
+    spec = _spec(kind)
+    suffix = f".{variant}" if variant else ""
+    candidates = []
+    for stem in spec.torch_stems:
+        candidates += [f"{stem}{suffix}.safetensors", f"{stem}{suffix}.safetensors.index.json"]
+    candidates.append(spec.msgpack_name)
+    candidates += [f"{stem}{suffix}.bin" for stem in spec.torch_stems]
+    for name in candidates:
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    raise FileNotFoundError(
+        f"{folder}: no {kind} weights found. Looked for {candidates}; the folder holds {present}."
+        + (" Is the variant right?" if variant else "")
+    )
+
+
+def _torch_load(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            f"{path} is a PyTorch pickle; reading it needs torch (pip install torch), or convert "
+            "the folder to safetensors."
+        ) from err
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    out = {}
+    for key, tensor in state.items():
+        tensor = tensor.detach().cpu().contiguous()
+        if tensor.dtype == torch.bfloat16:
+            out[key] = tensor.view(torch.int16).numpy().view(jnp.bfloat16)
+        else:
+            out[key] = tensor.numpy()
+    return out
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Flat PyTorch-named state dict from a .safetensors, .safetensors.index.json or .bin file."""
+    if path.endswith(".index.json"):
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map", {})
+        if not weight_map:
+            raise ValueError(f"{path}: no weight_map in the shard index.")
+        state: dict[str, np.ndarray] = {}
+        folder = os.path.dirname(path)
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(folder, shard)
+            if not os.path.isfile(shard_path):
+                raise FileNotFoundError(f"{path} lists shard {shard}, which is missing.")
+            state.update(safetensors_io.load(shard_path))
+        return state
+    if path.endswith(".safetensors"):
+        return safetensors_io.load(path)
+    if path.endswith(".bin"):
+        return _torch_load(path)
+    raise ValueError(f"{path}: not a PyTorch weights file (.safetensors, .index.json or .bin).")
+
+
+def read_msgpack(path: str) -> dict:
+    """Flat Flax param dict from a diffusers/transformers Flax ``*.msgpack`` file."""
+    with open(path, "rb") as f:
+        try:
+            tree = serialization.msgpack_restore(f.read())
+        except Exception as err:  # msgpack raises several exception types
+            raise ValueError(f"{path}: not a readable Flax msgpack file ({err}).") from err
+    if set(tree) == {"params"}:
+        tree = tree["params"]
+    return flatten(tree)
+
+
+def load_component(
+    folder: str,
+    kind: str,
+    dtype: Any = "float32",
+    param_dtype: Any = "float32",
+    variant: str | None = None,
+    **module_kwargs: Any,
+) -> tuple[Any, dict]:
+    """Build the Flax module of a component folder and load its checked params.
+
+    Args:
+      folder: e.g. ``.../stable-diffusion-v1-5/unet``.
+      kind: ``"unet"``, ``"vae"`` or ``"text_encoder"``.
+      dtype: compute dtype name or dtype; param_dtype: dtype the params are cast to.
+      variant: weights variant such as ``"fp16"`` (``diffusion_pytorch_model.fp16.safetensors``).
+      module_kwargs: extra module fields (``remat``, ``attention_impl``).
+    Returns:
+      (module, params) with params a nested dict of numpy arrays in ``param_dtype``.
+    """
+    spec = _spec(kind)
+    config = read_config(folder, kind)
+    module = spec.module_cls(
+        config, dtype=parse_dtype(dtype), param_dtype=parse_dtype(param_dtype), **module_kwargs
+    )
+    path = find_weights(folder, kind, variant)
+    flat = (
+        read_msgpack(path) if path.endswith(".msgpack") else torch_to_flax(read_state_dict(path), spec.family)
+    )
+    check_tree(flat, spec.expected_shapes(module), source=path)
+    target = np.dtype(parse_dtype(param_dtype))
+    params = unflatten({k: np.asarray(v).astype(target, copy=False) for k, v in flat.items()})
+    return module, params
+
+
+def save_component(
+    folder: str, kind: str, module: Any, params: Any, fmt: str = "safetensors", dtype: Any = None
+) -> str:
+    """Write ``config.json`` and the weights of one component; returns the weights path.
+
+    ``fmt="safetensors"`` writes PyTorch names (loadable by diffusers/transformers);
+    ``fmt="msgpack"`` writes the Flax tree. ``dtype`` casts floating params (default: as they are).
+    """
+    spec = _spec(kind)
+    os.makedirs(folder, exist_ok=True)
+    flat = flatten(jax.device_get(params))
+    check_tree(flat, spec.expected_shapes(module), source=f"params for {folder}")
+    if dtype is not None:
+        target = np.dtype(parse_dtype(dtype))
+        flat = {k: np.asarray(v).astype(target) for k, v in flat.items()}
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(module.config.to_dict(), f, indent=2, sort_keys=True)
+    if fmt == "msgpack":
+        path = os.path.join(folder, spec.msgpack_name)
+        tree = jax.tree.map(np.asarray, unflatten(flat))
+        with open(path + ".tmp", "wb") as f:
+            f.write(serialization.msgpack_serialize(tree))
+        os.replace(path + ".tmp", path)
+        return path
+    if fmt != "safetensors":
+        raise ValueError(f"unknown weights format {fmt!r}; expected 'safetensors' or 'msgpack'.")
+    path = os.path.join(folder, f"{spec.torch_stems[0]}.safetensors")
+    safetensors_io.save(path, flax_to_torch(flat, spec.family), metadata={"format": "pt"})
+    return path

@@ -1,0 +1,49 @@
+"""Packaging for instaflow-jax: one-step text-to-image (InstaFlow) in JAX/Flax."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2",
+    "orbax-checkpoint>=0.11",
+    "ml_collections>=1.0",
+    "ml_dtypes>=0.5",
+    "numpy>=1.26",
+    "msgpack>=1.0",
+    "safetensors>=0.4",
+    "transformers>=4.40",  # CLIPTokenizer only; no torch needed
+    "tokenizers>=0.19",
+    "pillow>=10",
+    "tqdm>=4.60",
+    "etils[epath]>=1.7",
+]
+
+EXTRAS = {
+    # Reference implementations for parity tests. torch is pinned: a CPU build of exactly this
+    # version is what the test machines provide.
+    "test": [
+        "pytest>=8",
+        "ruff>=0.6",
+        "torch==2.13.0",
+        "diffusers>=0.35",
+        "transformers>=4.40",
+    ],
+    "gpu": ["jax[cuda12]"],
+    "tpu": ["jax[tpu]"],
+}
+
+setup(
+    name="instaflow_jax",
+    version="0.1.0",
+    description="InstaFlow (one-step text-to-image with Rectified Flow) in JAX/Flax",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["instaflow_jax", "instaflow_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": []},
+)
