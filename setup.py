@@ -45,5 +45,10 @@ setup(
     packages=find_packages(include=["instaflow_jax", "instaflow_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "instaflow-generate=instaflow_jax.cli.generate:main",
+            "instaflow-interpolate=instaflow_jax.cli.interpolate:main",
+        ]
+    },
 )

@@ -39,11 +39,15 @@ TINY_WORDS = (
 def tiny_unet_config(**overrides: Any) -> UNetConfig:
     """Two levels (32, 64 channels), one cross-attention level, 32-wide text context."""
     base = dict(
-        sample_size=8, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8,
-    )  # fmt: skip
+        attention_head_dim=4,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+    )
     base.update(overrides)
     return UNetConfig(**base)
 
@@ -51,18 +55,28 @@ def tiny_unet_config(**overrides: Any) -> UNetConfig:
 def tiny_vae_config(**overrides: Any) -> VAEConfig:
     """Four levels (downsampling ×8 like SD) of 8–16 channels."""
     base = dict(
-        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
-    )  # fmt: skip
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
     base.update(overrides)
     return VAEConfig(**base)
 
 
 def tiny_clip_config(vocab_size: int, **overrides: Any) -> CLIPTextConfig:
     base = dict(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=32,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
     base.update(overrides)
     return CLIPTextConfig(**base)
 
@@ -107,10 +121,16 @@ def write_tiny_tokenizer(folder: str, words: tuple[str, ...] = TINY_WORDS) -> in
     with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     config = {
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": BOS,
-        "eos_token": EOS, "pad_token": EOS, "unk_token": EOS, "do_lower_case": True,
-        "errors": "replace", "add_prefix_space": False,
-    }  # fmt: skip
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "unk_token": EOS,
+        "do_lower_case": True,
+        "errors": "replace",
+        "add_prefix_space": False,
+    }
     with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}

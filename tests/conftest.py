@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+# Compilations persist across test processes (the multi-device subprocess) but not in $HOME.
+os.environ.setdefault(
+    "INSTAFLOW_JAX_COMPILATION_CACHE",
+    os.path.join(tempfile.gettempdir(), f"instaflow_jax_test_cache_{os.getuid()}"),
+)
 
 import numpy as np
 import pytest

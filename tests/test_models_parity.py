@@ -22,16 +22,28 @@ from instaflow_jax.weights.folder import load_component, read_msgpack, save_comp
 from conftest import assert_close, perturb_torch_
 
 UNET_KW = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(16, 32, 32), attention_head_dim=(2, 4, 4), cross_attention_dim=24,
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(16, 32, 32),
+    attention_head_dim=(2, 4, 4),
+    cross_attention_dim=24,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
-)  # fmt: skip
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=8,
+)
 VAE_KW = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
-    block_out_channels=(8, 16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32,
-)  # fmt: skip
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=4,
+    block_out_channels=(8, 16, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=32,
+)
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +201,17 @@ def test_clip_text_matches_transformers(tmp_path, act, eos):
 
     torch.manual_seed(0)
     config = CLIPTextConfig(
-        vocab_size=1000, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, hidden_act=act, bos_token_id=998,
-        eos_token_id=eos, pad_token_id=1,
-    )  # fmt: skip
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        bos_token_id=998,
+        eos_token_id=eos,
+        pad_token_id=1,
+    )
     model = perturb_torch_(CLIPTextModel(config), seed=3)
     model.save_pretrained(str(tmp_path))
     module, params = load_component(str(tmp_path), "text_encoder")
@@ -219,8 +238,14 @@ def test_clip_drops_position_ids_buffer(tmp_path):
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    config = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=20, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=77)  # fmt: skip
+    config = CLIPTextConfig(
+        vocab_size=100,
+        hidden_size=16,
+        intermediate_size=20,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+    )
     model = CLIPTextModel(config)
     model.save_pretrained(str(tmp_path))
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

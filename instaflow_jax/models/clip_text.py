@@ -106,9 +106,11 @@ class _Embeddings(nn.Module):
             cfg.vocab_size, cfg.hidden_size, param_dtype=self.param_dtype, name="token_embedding"
         )
         positions = nn.Embed(
-            cfg.max_position_embeddings, cfg.hidden_size, param_dtype=self.param_dtype,
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            param_dtype=self.param_dtype,
             name="position_embedding",
-        )  # fmt: skip
+        )
         return tokens(input_ids) + positions(jnp.arange(input_ids.shape[-1])[None, :])
 
 

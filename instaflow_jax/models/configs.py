@@ -249,14 +249,31 @@ class CLIPTextConfig(_Config):
     CLASS_NAMES: ClassVar[tuple[str, ...]] = ("CLIPTextModel",)
     IGNORED: ClassVar[frozenset[str]] = frozenset(
         {
-            "architectures", "attention_dropout", "dropout", "initializer_factor",
-            "initializer_range", "model_type", "torch_dtype", "dtype", "transformers_version",
-            "output_attentions", "output_hidden_states", "return_dict", "use_cache",
-            "id2label", "label2id", "tie_word_embeddings", "is_encoder_decoder",
-            "chunk_size_feed_forward", "add_cross_attention", "tf_legacy_loss",
-            "pruned_heads", "problem_type", "_name_or_path",
+            "architectures",
+            "attention_dropout",
+            "dropout",
+            "initializer_factor",
+            "initializer_range",
+            "model_type",
+            "torch_dtype",
+            "dtype",
+            "transformers_version",
+            "output_attentions",
+            "output_hidden_states",
+            "return_dict",
+            "use_cache",
+            "id2label",
+            "label2id",
+            "tie_word_embeddings",
+            "is_encoder_decoder",
+            "chunk_size_feed_forward",
+            "add_cross_attention",
+            "tf_legacy_loss",
+            "pruned_heads",
+            "problem_type",
+            "_name_or_path",
         }
-    )  # fmt: skip
+    )
 
     def validate(self, source: str) -> None:
         if self.hidden_act not in ("quick_gelu", "gelu"):

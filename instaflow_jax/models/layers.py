@@ -19,9 +19,13 @@ Dtype = Any
 def group_norm(groups: int, eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.GroupNorm:
     """GroupNorm whose statistics are computed in float32 with a two-pass variance."""
     return nn.GroupNorm(
-        num_groups=groups, epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-        use_fast_variance=False, name=name,
-    )  # fmt: skip
+        num_groups=groups,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        name=name,
+    )
 
 
 def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -155,6 +159,13 @@ class Attention(nn.Module):
         """``x`` [B, T, C], ``context`` [B, S, D] or None (self-attention) → [B, T, out_dim]."""
         context = x if context is None else context
         return attend(
-            x, context, self.heads, self.head_dim, self.out_dim, False, self.dtype,
-            self.param_dtype, self.attention_impl,
-        )  # fmt: skip
+            x,
+            context,
+            self.heads,
+            self.head_dim,
+            self.out_dim,
+            False,
+            self.dtype,
+            self.param_dtype,
+            self.attention_impl,
+        )

@@ -148,9 +148,14 @@ class DownBlock(nn.Module):
             h = ResnetBlock2D(self.out_channels, self.groups, self.eps, d, p, name=f"resnets_{i}")(h, temb)
             if self.with_attention:
                 h = Transformer2DModel(
-                    self.out_channels, self.heads, self.groups, d, p, self.attention_impl,
+                    self.out_channels,
+                    self.heads,
+                    self.groups,
+                    d,
+                    p,
+                    self.attention_impl,
                     name=f"attentions_{i}",
-                )(h, context)  # fmt: skip
+                )(h, context)
             skips.append(h)
         if self.add_downsample:
             h = Downsample2D(self.out_channels, False, d, p, name="downsamplers_0")(h)
@@ -185,9 +190,14 @@ class UpBlock(nn.Module):
             h = ResnetBlock2D(self.out_channels, self.groups, self.eps, d, p, name=f"resnets_{i}")(h, temb)
             if self.with_attention:
                 h = Transformer2DModel(
-                    self.out_channels, self.heads, self.groups, d, p, self.attention_impl,
+                    self.out_channels,
+                    self.heads,
+                    self.groups,
+                    d,
+                    p,
+                    self.attention_impl,
                     name=f"attentions_{i}",
-                )(h, context)  # fmt: skip
+                )(h, context)
         if self.add_upsample:
             size = skips[-1].shape[1:3]
             h = Upsample2D(self.out_channels, d, p, name="upsamplers_0")(h, size)
@@ -260,19 +270,26 @@ class UNet2DConditionModel(nn.Module):
         context = context.astype(d)
         block = (lambda cls: nn.remat(cls)) if self.remat else (lambda cls: cls)
         common = dict(
-            groups=cfg.norm_num_groups, eps=cfg.norm_eps, dtype=d, param_dtype=p,
+            groups=cfg.norm_num_groups,
+            eps=cfg.norm_eps,
+            dtype=d,
+            param_dtype=p,
             attention_impl=self.attention_impl,
-        )  # fmt: skip
+        )
 
         h = conv(cfg.block_out_channels[0], 3, d, p, "conv_in")(sample.astype(d))
         skips: tuple = (h,)
         last = len(cfg.block_out_channels) - 1
         for i, (width, kind) in enumerate(zip(cfg.block_out_channels, cfg.down_block_types)):
             h, new = block(DownBlock)(
-                width, cfg.layers_per_block, cfg.num_heads[i],
-                with_attention=kind.startswith("CrossAttn"), add_downsample=i < last,
-                name=f"down_blocks_{i}", **common,
-            )(h, temb, context)  # fmt: skip
+                width,
+                cfg.layers_per_block,
+                cfg.num_heads[i],
+                with_attention=kind.startswith("CrossAttn"),
+                add_downsample=i < last,
+                name=f"down_blocks_{i}",
+                **common,
+            )(h, temb, context)
             skips = skips + new
 
         h = block(MidBlock)(cfg.block_out_channels[-1], cfg.num_heads[-1], name="mid_block", **common)(
@@ -282,10 +299,14 @@ class UNet2DConditionModel(nn.Module):
         heads_up = tuple(reversed(cfg.num_heads))
         for i, (width, kind) in enumerate(zip(reversed(cfg.block_out_channels), cfg.up_block_types)):
             h, skips = block(UpBlock)(
-                width, cfg.layers_per_block + 1, heads_up[i],
-                with_attention=kind.startswith("CrossAttn"), add_upsample=i < last,
-                name=f"up_blocks_{i}", **common,
-            )(h, skips, temb, context)  # fmt: skip
+                width,
+                cfg.layers_per_block + 1,
+                heads_up[i],
+                with_attention=kind.startswith("CrossAttn"),
+                add_upsample=i < last,
+                name=f"up_blocks_{i}",
+                **common,
+            )(h, skips, temb, context)
 
         h = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, d, p, "conv_norm_out")(h))
         return conv(cfg.out_channels, 3, d, p, "conv_out")(h).astype(jnp.float32)

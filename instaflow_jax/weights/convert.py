@@ -19,15 +19,28 @@ import numpy as np
 from flax import traverse_util
 
 DIFFUSERS_LIST_MODULES = (
-    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-    "transformer_blocks", "net", "to_out",
-)  # fmt: skip
+    "down_blocks",
+    "up_blocks",
+    "resnets",
+    "attentions",
+    "downsamplers",
+    "upsamplers",
+    "transformer_blocks",
+    "net",
+    "to_out",
+)
 # diffusers-Flax keeps the PyTorch attention names in the UNet (to_q … to_out_0) but uses
 # query/key/value/proj_attn in the VAE, which old PyTorch VAE checkpoints also use.
 VAE_ATTENTION_TO_FLAX = {
-    "to_q": "query", "to_k": "key", "to_v": "value", "to_out_0": "proj_attn",
-    "query": "query", "key": "key", "value": "value", "proj_attn": "proj_attn",
-}  # fmt: skip
+    "to_q": "query",
+    "to_k": "key",
+    "to_v": "value",
+    "to_out_0": "proj_attn",
+    "query": "query",
+    "key": "key",
+    "value": "value",
+    "proj_attn": "proj_attn",
+}
 VAE_FLAX_TO_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 ATTENTION_LEAVES = frozenset(VAE_ATTENTION_TO_FLAX)
 DROPPED_KEYS = re.compile(r"(^|\.)position_ids$")

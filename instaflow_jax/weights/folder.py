@@ -66,19 +66,30 @@ def _unet_inputs(c: UNetConfig) -> tuple:
 
 SPECS: dict[str, ComponentSpec] = {
     "unet": ComponentSpec(
-        "unet", UNetConfig, UNet2DConditionModel, ("diffusion_pytorch_model",),
-        "diffusion_flax_model.msgpack", _unet_inputs,
+        "unet",
+        UNetConfig,
+        UNet2DConditionModel,
+        ("diffusion_pytorch_model",),
+        "diffusion_flax_model.msgpack",
+        _unet_inputs,
     ),
     "vae": ComponentSpec(
-        "vae", VAEConfig, AutoencoderKL, ("diffusion_pytorch_model",),
+        "vae",
+        VAEConfig,
+        AutoencoderKL,
+        ("diffusion_pytorch_model",),
         "diffusion_flax_model.msgpack",
         lambda c: (jnp.zeros((1, c.downsample_factor, c.downsample_factor, c.in_channels)),),
     ),
     "text_encoder": ComponentSpec(
-        "clip", CLIPTextConfig, CLIPTextModel, ("model", "pytorch_model"), "flax_model.msgpack",
+        "clip",
+        CLIPTextConfig,
+        CLIPTextModel,
+        ("model", "pytorch_model"),
+        "flax_model.msgpack",
         lambda c: (jnp.zeros((1, 1), jnp.int32),),
     ),
-}  # fmt: skip
+}
 
 
 def _spec(kind: str) -> ComponentSpec:

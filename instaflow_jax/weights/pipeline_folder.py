@@ -115,9 +115,11 @@ def load_pipeline_parts(
     check_family(configs["unet"], configs["vae"], configs["text_encoder"], folder)
     modules, params = {}, {}
     for name in COMPONENTS:
-        kwargs = module_kwargs if name == "unet" else {
-            k: v for k, v in module_kwargs.items() if k == "attention_impl"
-        }  # fmt: skip
+        kwargs = (
+            module_kwargs
+            if name == "unet"
+            else {k: v for k, v in module_kwargs.items() if k == "attention_impl"}
+        )
         modules[name], params[name] = load_component(
             os.path.join(folder, name), name, dtype, param_dtype, variant, **kwargs
         )

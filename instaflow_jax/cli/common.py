@@ -1,0 +1,98 @@
+"""Arguments and error handling shared by the command-line tools."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from instaflow_jax.conventions import VAE_DOWNSAMPLE
+from instaflow_jax.models import ConfigError
+from instaflow_jax.weights import SafetensorsError, WeightsMismatchError
+
+TINY_RANDOM = "tiny-random"
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="diffusers pipeline folder (SD 1.5, InstaFlow-0.9B, 2-Rectified Flow …), a cached Hugging "
+        f"Face repo id, or '{TINY_RANDOM}' for a random tiny pipeline (offline smoke test).",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="compute dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32, bfloat16, float16.",
+    )
+    parser.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default 512).")
+    parser.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default 512).")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=1, help="Euler steps (1 = one-step InstaFlow).")
+    parser.add_argument("--guidance", type=float, default=0.0, help="CFG scale; on only when > 1.")
+    parser.add_argument("--negative-prompt", default="", help="unconditional prompt under CFG.")
+    parser.add_argument(
+        "--solver",
+        default="euler",
+        choices=["euler", "dpmpp2m"],
+        help="euler (rectified flow) or dpmpp2m (SD teacher: DPM-Solver++ on an ε-prediction UNet).",
+    )
+
+
+def resolve_dtype(name: str) -> str:
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def resolve_size(args: argparse.Namespace, model_path: str) -> tuple[int, int]:
+    """Requested size, defaulting to 512 (64 for the tiny random model); fails fast on bad values."""
+    default = 64 if model_path == TINY_RANDOM else 512
+    height, width = args.height or default, args.width or default
+    for name, size in (("height", height), ("width", width)):
+        if size <= 0 or size % VAE_DOWNSAMPLE:
+            raise ValueError(
+                f"--{name} {size} is impossible: image sides must be positive multiples of "
+                f"{VAE_DOWNSAMPLE} (the VAE maps 8×8 pixels to one latent)."
+            )
+    return height, width
+
+
+def resolve_model(path: str) -> str:
+    """``tiny-random`` → a freshly written random tiny pipeline; anything else unchanged."""
+    if path != TINY_RANDOM:
+        return path
+    from instaflow_jax.testing import make_tiny_pipeline
+
+    folder = os.path.join(tempfile.gettempdir(), "instaflow_jax_tiny_random")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        make_tiny_pipeline(folder, seed=0)
+    return folder
+
+
+USER_ERRORS = (
+    FileNotFoundError,
+    ConfigError,
+    WeightsMismatchError,
+    SafetensorsError,
+    ValueError,
+    TypeError,
+)
+
+
+def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv=None) -> int:
+    """Parse, run, and turn user errors into one ``error:`` line and exit status 2."""
+    args = parser.parse_args(argv)
+    try:
+        main(args)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,121 @@
+"""The SD teacher's solver: multistep DPM-Solver++ (order 2) for an ε-prediction UNet.
+
+Matches diffusers ``DPMSolverMultistepScheduler`` with its defaults (``algorithm_type="dpmsolver++"``,
+``solver_order=2``, ``solver_type="midpoint"``, ``lower_order_final=True``,
+``final_sigmas_type="zero"``, ``timestep_spacing="linspace"``): for 25 steps the UNet sees
+timesteps 999, 959, …, 40; the first step and the final step (to σ = 0) are first order.
+
+The schedule is precomputed in numpy (float64, stored float32); the loop is a ``lax.scan`` whose
+per-step update is ``x ← r·x + φ·x̂0 + ½·φ·w·(x̂0 − x̂0_prev)`` with
+``x̂0 = (x − σ_s·ε) / α_s``, ``r = σ_t/σ_s``, ``φ = α_t (1 − e^{−h})`` and ``w = h / h_prev`` on
+second-order steps (0 otherwise), ``h`` the step in log-SNR λ = log(α/σ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instaflow_jax.sampling.velocity import Field
+
+
+def alphas_cumprod(config: Mapping[str, Any]) -> np.ndarray:
+    """ᾱ_t for t = 0 … T−1 from a diffusers scheduler config (scaled-linear or linear betas)."""
+    n = int(config.get("num_train_timesteps", 1000))
+    start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
+    schedule = config.get("beta_schedule", "scaled_linear")
+    if config.get("trained_betas") is not None:
+        betas = np.asarray(config["trained_betas"], np.float32)
+    elif schedule == "scaled_linear":
+        betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
+    elif schedule == "linear":
+        betas = np.linspace(start, end, n, dtype=np.float32)
+    else:
+        raise ValueError(f"beta_schedule {schedule!r} is not supported; expected scaled_linear or linear.")
+    return np.cumprod(1.0 - betas, dtype=np.float32)
+
+
+def solver_timesteps(num_steps: int, num_train: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
+    """Integer timesteps (descending) chosen like diffusers' ``set_timesteps``."""
+    if spacing == "linspace":
+        steps = np.linspace(0, num_train - 1, num_steps + 1).round()[::-1][:-1]
+    elif spacing == "leading":
+        ratio = num_train // (num_steps + 1)
+        steps = (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1] + steps_offset
+    elif spacing == "trailing":
+        steps = np.arange(num_train, 0, -num_train / num_steps).round() - 1
+    else:
+        raise ValueError(f"timestep_spacing {spacing!r}; expected linspace, leading or trailing.")
+    return steps.astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverSchedule:
+    """Per-step constants of DPM-Solver++(2M), each a float32 array [num_steps]."""
+
+    timesteps: np.ndarray  # UNet timesteps (integer-valued)
+    alpha_s: np.ndarray
+    sigma_s: np.ndarray
+    ratio: np.ndarray  # σ_t / σ_s
+    phi: np.ndarray  # α_t (1 − e^{−h})
+    weight: np.ndarray  # h / h_prev on second-order steps, else 0
+
+    @classmethod
+    def create(cls, scheduler_config: Mapping[str, Any], num_steps: int) -> DPMSolverSchedule:
+        """Schedule for ``num_steps`` steps of the noise schedule in ``scheduler_config``."""
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be ≥ 1, got {num_steps}.")
+        prediction = scheduler_config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":
+            raise ValueError(f"the SD teacher solver needs an ε-prediction model, got {prediction!r}.")
+        ac = alphas_cumprod(scheduler_config)
+        steps = solver_timesteps(
+            num_steps,
+            len(ac),
+            scheduler_config.get("timestep_spacing", "linspace"),
+            int(scheduler_config.get("steps_offset", 0)),
+        )
+        all_sigmas = ((1 - ac) / ac) ** 0.5
+        sigmas = np.interp(steps, np.arange(len(all_sigmas)), all_sigmas)
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
+        alphas = 1.0 / np.sqrt(sigmas**2 + 1.0)
+        vp_sigmas = sigmas * alphas
+        with np.errstate(divide="ignore"):
+            lambdas = np.log(alphas) - np.log(vp_sigmas)  # +inf at the final σ = 0
+        h = lambdas[1:] - lambdas[:-1]
+        ratio = vp_sigmas[1:] / vp_sigmas[:-1]
+        phi = alphas[1:] * -np.expm1(-h)
+        weight = np.zeros(num_steps)
+        second = np.arange(num_steps)
+        second = (second >= 1) & (second < num_steps - 1)  # first and final steps are first order
+        weight[second] = h[second] / h[np.flatnonzero(second) - 1]
+        f32 = lambda x: np.asarray(x, np.float32)
+        return cls(f32(steps), f32(alphas[:-1]), f32(vp_sigmas[:-1]), f32(ratio), f32(phi), f32(weight))
+
+
+def dpm_solver_sample(eps_field: Field, x_t: jax.Array, schedule: DPMSolverSchedule) -> jax.Array:
+    """Solve SD's probability-flow ODE from noise ``x_t`` [B, h, w, C] to a clean latent.
+
+    ``eps_field(x, t_unet)`` predicts ε (e.g. ``unet_field`` of the SD UNet, with CFG). The
+    initial noise scale of this scheduler is 1, so ``x_t`` is plain N(0, I) noise.
+    """
+    coefficients = jnp.stack(
+        [jnp.asarray(getattr(schedule, f.name)) for f in dataclasses.fields(schedule)], axis=1
+    )
+
+    def step(carry: tuple[jax.Array, jax.Array], c: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
+        x, x0_prev = carry
+        t, alpha_s, sigma_s, ratio, phi, weight = (c[i] for i in range(6))
+        eps = eps_field(x, t).astype(jnp.float32)
+        x0 = (x - sigma_s * eps) / alpha_s
+        x_next = ratio * x + phi * x0 + 0.5 * phi * weight * (x0 - x0_prev)
+        return (x_next, x0), None
+
+    x = x_t.astype(jnp.float32)
+    (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), coefficients)
+    return x
