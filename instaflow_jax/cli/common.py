@@ -96,3 +96,24 @@ def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.Argument
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def load_for_cli(args: argparse.Namespace) -> tuple[Any, int, int]:
+    """Validate the size first (fast failure), then load the pipeline: (pipe, height, width)."""
+    import instaflow_jax
+
+    height, width = resolve_size(args, args.model)
+    pipe = instaflow_jax.load_pipeline(resolve_model(args.model), dtype=resolve_dtype(args.dtype))
+    return pipe, height, width
+
+
+def sampling_kwargs(args: argparse.Namespace, height: int, width: int) -> dict[str, Any]:
+    """``Pipeline.generate`` keyword arguments from the shared sampling flags."""
+    return {
+        "num_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "negative_prompt": args.negative_prompt,
+        "height": height,
+        "width": width,
+        "solver": args.solver,
+    }

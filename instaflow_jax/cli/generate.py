@@ -11,10 +11,9 @@ import os
 from instaflow_jax.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
-    resolve_dtype,
-    resolve_model,
-    resolve_size,
+    load_for_cli,
     run_cli,
+    sampling_kwargs,
 )
 from instaflow_jax.images import make_grid, save_png
 
@@ -32,22 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generate(args: argparse.Namespace) -> None:
-    import instaflow_jax
-
-    height, width = resolve_size(args, args.model)
     if args.num_images < 1:
         raise ValueError(f"--num-images must be ≥ 1, got {args.num_images}.")
-    pipe = instaflow_jax.load_pipeline(resolve_model(args.model), dtype=resolve_dtype(args.dtype))
+    pipe, height, width = load_for_cli(args)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
-    kwargs = {
-        "num_steps": args.steps,
-        "guidance_scale": args.guidance,
-        "negative_prompt": args.negative_prompt,
-        "seed": args.seed,
-        "height": height,
-        "width": width,
-        "solver": args.solver,
-    }
+    kwargs = {**sampling_kwargs(args, height, width), "seed": args.seed}
     images = pipe.generate(prompts, **kwargs)
     compile_s = pipe.last_timings.compile_s
     pipe.generate(prompts, **kwargs)  # again, compiled: the steady-state time

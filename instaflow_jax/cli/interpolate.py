@@ -14,10 +14,9 @@ import numpy as np
 from instaflow_jax.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
-    resolve_dtype,
-    resolve_model,
-    resolve_size,
+    load_for_cli,
     run_cli,
+    sampling_kwargs,
 )
 from instaflow_jax.conventions import latent_shape, nhwc_to_nchw
 from instaflow_jax.images import save_gif, save_png
@@ -46,29 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def interpolate(args: argparse.Namespace) -> None:
-    import instaflow_jax
-
-    height, width = resolve_size(args, args.model)
     if args.frames < 2:
         raise ValueError(f"--frames must be ≥ 2, got {args.frames}.")
-    pipe = instaflow_jax.load_pipeline(resolve_model(args.model), dtype=resolve_dtype(args.dtype))
+    pipe, height, width = load_for_cli(args)
     shape = latent_shape(1, height, width, pipe.latent_channels, pipe.vae_scale_factor)[1:]
     latents = interpolation_latents(args.seeds[0], args.seeds[1], shape, args.frames)
     frames = []
     for start in range(0, args.frames, args.batch):
         chunk = latents[start : start + args.batch]
-        frames.extend(
-            pipe.generate(
-                [args.prompt] * len(chunk),
-                num_steps=args.steps,
-                guidance_scale=args.guidance,
-                negative_prompt=args.negative_prompt,
-                latents=chunk,
-                height=height,
-                width=width,
-                solver=args.solver,
-            )
-        )
+        kwargs = sampling_kwargs(args, height, width)
+        frames.extend(pipe.generate([args.prompt] * len(chunk), latents=chunk, **kwargs))
     for i, frame in enumerate(frames):
         save_png(os.path.join(args.out_dir, f"frame_{i:03d}.png"), frame)
     gif = save_gif(os.path.join(args.out_dir, "interpolation.gif"), frames, int(1000 / args.fps))

@@ -127,80 +127,61 @@ class Transformer2DModel(nn.Module):
         return x + y
 
 
-class DownBlock(nn.Module):
-    """``CrossAttnDownBlock2D`` (with_attention) or ``DownBlock2D``; returns (h, skip outputs)."""
+class _UNetBlock(nn.Module):
+    """Fields and the resnet(+transformer) layer shared by the down and up blocks."""
 
     out_channels: int
     num_layers: int
     heads: int
     groups: int
     eps: float
-    with_attention: bool
-    add_downsample: bool
+    with_attention: bool  # CrossAttn*Block2D vs plain *Block2D
+    resample: bool  # a downsampler (down blocks) or upsampler (up blocks) at the end
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
 
+    def layer(self, i: int, h: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
+        """``resnets_i`` then, in cross-attention blocks, ``attentions_i``."""
+        d, p = self.dtype, self.param_dtype
+        h = ResnetBlock2D(self.out_channels, self.groups, self.eps, d, p, name=f"resnets_{i}")(h, temb)
+        if self.with_attention:
+            h = Transformer2DModel(
+                self.out_channels, self.heads, self.groups, d, p, self.attention_impl, name=f"attentions_{i}"
+            )(h, context)
+        return h
+
+
+class DownBlock(_UNetBlock):
+    """``CrossAttnDownBlock2D`` / ``DownBlock2D``; returns (h, its skip outputs)."""
+
     @nn.compact
     def __call__(self, h: jax.Array, temb: jax.Array, context: jax.Array):
-        d, p, skips = self.dtype, self.param_dtype, []
+        skips = []
         for i in range(self.num_layers):
-            h = ResnetBlock2D(self.out_channels, self.groups, self.eps, d, p, name=f"resnets_{i}")(h, temb)
-            if self.with_attention:
-                h = Transformer2DModel(
-                    self.out_channels,
-                    self.heads,
-                    self.groups,
-                    d,
-                    p,
-                    self.attention_impl,
-                    name=f"attentions_{i}",
-                )(h, context)
+            h = self.layer(i, h, temb, context)
             skips.append(h)
-        if self.add_downsample:
-            h = Downsample2D(self.out_channels, False, d, p, name="downsamplers_0")(h)
+        if self.resample:
+            h = Downsample2D(self.out_channels, False, self.dtype, self.param_dtype, name="downsamplers_0")(h)
             skips.append(h)
         return h, tuple(skips)
 
 
-class UpBlock(nn.Module):
+class UpBlock(_UNetBlock):
     """``CrossAttnUpBlock2D`` / ``UpBlock2D``: consumes skips from the end of ``skips``.
 
     Returns (h, remaining skips). The upsampler resizes to the next skip's spatial size, so
     latents whose sides are not multiples of 2^(levels-1) work as in diffusers.
     """
 
-    out_channels: int
-    num_layers: int
-    heads: int
-    groups: int
-    eps: float
-    with_attention: bool
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
-
     @nn.compact
     def __call__(self, h: jax.Array, skips: tuple, temb: jax.Array, context: jax.Array):
-        d, p = self.dtype, self.param_dtype
         for i in range(self.num_layers):
-            h = jnp.concatenate([h, skips[-1]], axis=-1)
+            h = self.layer(i, jnp.concatenate([h, skips[-1]], axis=-1), temb, context)
             skips = skips[:-1]
-            h = ResnetBlock2D(self.out_channels, self.groups, self.eps, d, p, name=f"resnets_{i}")(h, temb)
-            if self.with_attention:
-                h = Transformer2DModel(
-                    self.out_channels,
-                    self.heads,
-                    self.groups,
-                    d,
-                    p,
-                    self.attention_impl,
-                    name=f"attentions_{i}",
-                )(h, context)
-        if self.add_upsample:
+        if self.resample:
             size = skips[-1].shape[1:3]
-            h = Upsample2D(self.out_channels, d, p, name="upsamplers_0")(h, size)
+            h = Upsample2D(self.out_channels, self.dtype, self.param_dtype, name="upsamplers_0")(h, size)
         return h, skips
 
 
@@ -286,7 +267,7 @@ class UNet2DConditionModel(nn.Module):
                 cfg.layers_per_block,
                 cfg.num_heads[i],
                 with_attention=kind.startswith("CrossAttn"),
-                add_downsample=i < last,
+                resample=i < last,
                 name=f"down_blocks_{i}",
                 **common,
             )(h, temb, context)
@@ -303,7 +284,7 @@ class UNet2DConditionModel(nn.Module):
                 cfg.layers_per_block + 1,
                 heads_up[i],
                 with_attention=kind.startswith("CrossAttn"),
-                add_upsample=i < last,
+                resample=i < last,
                 name=f"up_blocks_{i}",
                 **common,
             )(h, skips, temb, context)

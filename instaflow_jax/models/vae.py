@@ -101,17 +101,20 @@ class Encoder(nn.Module):
         h = conv(cfg.block_out_channels[0], 3, d, p, "conv_in")(x.astype(d))
         last = len(cfg.block_out_channels) - 1
         for i, width in enumerate(cfg.block_out_channels):
-            h = _DownEncoderBlock(width, cfg.layers_per_block, g, i < last, d, p, name=f"down_blocks_{i}")(h)
+            resample = "down" if i < last else None
+            h = _ResnetStack(width, cfg.layers_per_block, g, resample, d, p, name=f"down_blocks_{i}")(h)
         h = MidBlock2D(cfg.block_out_channels[-1], g, d, p, self.attention_impl, name="mid_block")(h)
         h = nn.silu(group_norm(g, VAE_NORM_EPS, d, p, "conv_norm_out")(h))
         return conv(2 * cfg.latent_channels, 3, d, p, "conv_out")(h)
 
 
-class _DownEncoderBlock(nn.Module):
+class _ResnetStack(nn.Module):
+    """``DownEncoderBlock2D`` / ``UpDecoderBlock2D``: resnets, then a down- or upsampler."""
+
     out_channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: str | None  # "down", "up" or None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -120,25 +123,9 @@ class _DownEncoderBlock(nn.Module):
         d, p = self.dtype, self.param_dtype
         for j in range(self.num_layers):
             h = ResnetBlock2D(self.out_channels, self.groups, VAE_NORM_EPS, d, p, name=f"resnets_{j}")(h)
-        if self.add_downsample:
+        if self.resample == "down":
             h = Downsample2D(self.out_channels, True, d, p, name="downsamplers_0")(h)
-        return h
-
-
-class _UpDecoderBlock(nn.Module):
-    out_channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
-        d, p = self.dtype, self.param_dtype
-        for j in range(self.num_layers):
-            h = ResnetBlock2D(self.out_channels, self.groups, VAE_NORM_EPS, d, p, name=f"resnets_{j}")(h)
-        if self.add_upsample:
+        elif self.resample == "up":
             h = Upsample2D(self.out_channels, d, p, name="upsamplers_0")(h)
         return h
 
@@ -158,7 +145,8 @@ class Decoder(nn.Module):
         h = MidBlock2D(cfg.block_out_channels[-1], g, d, p, self.attention_impl, name="mid_block")(h)
         last = len(cfg.block_out_channels) - 1
         for i, width in enumerate(reversed(cfg.block_out_channels)):
-            h = _UpDecoderBlock(width, cfg.layers_per_block + 1, g, i < last, d, p, name=f"up_blocks_{i}")(h)
+            resample = "up" if i < last else None
+            h = _ResnetStack(width, cfg.layers_per_block + 1, g, resample, d, p, name=f"up_blocks_{i}")(h)
         h = nn.silu(group_norm(g, VAE_NORM_EPS, d, p, "conv_norm_out")(h))
         return conv(cfg.out_channels, 3, d, p, "conv_out")(h)
 
