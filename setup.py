@@ -19,6 +19,11 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tqdm>=4.60",
     "etils[epath]>=1.7",
+    "absl-py>=1.0",
+    "tensorflow-datasets>=4.9",  # caption sources, read without TensorFlow
+    "array_record>=0.5",
+    "importlib_resources",  # needed by tensorflow-datasets' builder_from_directory
+    "pyarrow>=14",  # parquet prompt files
 ]
 
 EXTRAS = {
@@ -49,6 +54,7 @@ setup(
         "console_scripts": [
             "instaflow-generate=instaflow_jax.cli.generate:main",
             "instaflow-interpolate=instaflow_jax.cli.interpolate:main",
+            "instaflow-generate-triplets=instaflow_jax.generate_triplets:run",
         ]
     },
 )

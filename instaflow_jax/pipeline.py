@@ -26,12 +26,10 @@ from instaflow_jax.parallel import (
     padded_size,
     replicated,
 )
-from instaflow_jax.sampling.noise import initial_noise
+from instaflow_jax.sampling.noise import noise_for_indices
 from instaflow_jax.sampling.velocity import use_cfg
 from instaflow_jax.text import tokenize
 from instaflow_jax.weights.pipeline_folder import load_pipeline_parts, save_pipeline_parts
-
-_noise = jax.jit(initial_noise, static_argnums=2)
 
 
 @dataclasses.dataclass
@@ -151,7 +149,7 @@ class Pipeline:
 
     def _initial_latents(self, latents: np.ndarray | None, shape: tuple[int, ...], seed: int) -> np.ndarray:
         if latents is None:
-            return np.asarray(_noise(seed, np.arange(shape[0]), shape[1:]))
+            return np.asarray(noise_for_indices(seed, np.arange(shape[0]), shape[1:]))
         latents = np.asarray(latents, np.float32)
         expected = (shape[0], shape[3], shape[1], shape[2])
         if latents.shape != expected:

@@ -194,3 +194,46 @@ __all__ = [
     "tiny_vae_config",
     "write_tiny_tokenizer",
 ]
+
+
+def write_mock_tfds_captions(
+    data_dir: str, splits: dict[str, list[list[str]]], name: str = "coco_captions", config: str = "2014"
+) -> str:
+    """Write a prepared tensorflow-datasets folder (array_record, no TensorFlow) of captions.
+
+    Each record is ``{"image/id": i, "captions": {"text": [...], "id": [...]}}`` like
+    ``coco_captions``. Returns the version folder.
+    """
+    import tensorflow_datasets as tfds
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tensorflow_datasets.core import example_serializer
+
+    folder = os.path.join(data_dir, name, config, "1.1.0")
+    os.makedirs(folder, exist_ok=True)
+    features = tfds.features.FeaturesDict(
+        {
+            "image/id": tfds.features.Scalar(dtype=np.int64),
+            "captions": tfds.features.Sequence(
+                {"text": tfds.features.Text(), "id": tfds.features.Scalar(dtype=np.int64)}
+            ),
+        }
+    )
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    infos = []
+    for split, records in splits.items():
+        writer = ArrayRecordWriter(
+            os.path.join(folder, f"{name}-{split}.array_record-00000-of-00001"), "group_size:1"
+        )
+        for i, captions in enumerate(records):
+            example = {"image/id": i, "captions": {"text": captions, "id": list(range(len(captions)))}}
+            writer.write(serializer.serialize_example(features.encode_example(example)))
+        writer.close()
+        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(records)], num_bytes=0))
+    tfds.folder_dataset.write_metadata(
+        data_dir=folder,
+        features=features,
+        split_infos=infos,
+        filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+        check_data=False,
+    )
+    return folder

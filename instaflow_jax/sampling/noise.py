@@ -20,3 +20,7 @@ def initial_noise(seed: int | jax.Array, indices: jax.Array, shape: tuple[int, .
     """float32 noise [B, *shape] (NHWC latent ``shape`` = (h, w, C)) for sample ``indices`` [B]."""
     keys = sample_keys(seed, indices)
     return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+# Jitted once for everyone (generation, triplet writer and reader), so noise is bit-identical.
+noise_for_indices = jax.jit(initial_noise, static_argnums=2)

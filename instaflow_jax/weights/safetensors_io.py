@@ -2,19 +2,23 @@
 
 Format: 8-byte little-endian header length N, N bytes of JSON header mapping tensor names to
 ``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the data that follows), and an
-optional ``"__metadata__"`` dict of strings. Every offset, size and dtype is checked on read so a
-truncated or corrupted file fails with an error naming the file and the tensor.
+optional ``"__metadata__"`` dict of strings. Every offset, size and dtype is checked when the
+header is parsed, so a truncated or corrupted file fails with an error naming the file and the
+tensor. Paths may be local or any ``etils.epath`` path (e.g. ``gs://``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
 from collections.abc import Mapping
+from typing import BinaryIO
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 _DTYPES = {
     "F64": np.dtype(np.float64),
@@ -27,6 +31,7 @@ _DTYPES = {
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
     "I8": np.dtype(np.int8),
+    "U32": np.dtype(np.uint32),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
@@ -38,57 +43,75 @@ class SafetensorsError(ValueError):
     """A ``.safetensors`` file that is truncated, corrupted or not a safetensors file."""
 
 
-def read_header(path: str | os.PathLike) -> tuple[dict, int, int]:
-    """Return (header dict, data start offset, file size) after checking the framing."""
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise SafetensorsError(f"{path}: {size} bytes is too short to be a safetensors file.")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise SafetensorsError(
-                f"{path}: header length {n} does not fit in a file of {size} bytes; the file is "
-                "truncated or not safetensors. Download or save it again."
-            )
-        raw = f.read(n)
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: dtype, shape and absolute byte range [begin, end) in the file."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def parse_header(f: BinaryIO, size: int, name: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and check the header of an open file of ``size`` bytes: (tensors, metadata)."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise SafetensorsError(f"{name}: {size} bytes is too short to be a safetensors file.")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER or 8 + n > size:
+        raise SafetensorsError(
+            f"{name}: header length {n} does not fit in a file of {size} bytes; the file is "
+            "truncated or not safetensors. Download or save it again."
+        )
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(f.read(n).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SafetensorsError(f"{path}: the JSON header cannot be parsed ({err}).") from err
+        raise SafetensorsError(f"{name}: the JSON header cannot be parsed ({err}).") from err
     if not isinstance(header, dict):
-        raise SafetensorsError(f"{path}: the header is not a JSON object.")
-    return header, 8 + n, size
-
-
-def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``)."""
-    header, start, size = read_header(path)
-    header.pop("__metadata__", None)
-    data_len = size - start
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if data_len else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in header.items():
+        raise SafetensorsError(f"{name}: the header is not a JSON object.")
+    metadata = header.pop("__metadata__", None) or {}
+    start, data_len, tensors = 8 + n, size - 8 - n, {}
+    for key, info in header.items():
         try:
             dtype = _DTYPES[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(o) for o in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
-            raise SafetensorsError(f"{path}: tensor {name!r} has a malformed entry {info!r}.") from err
+            raise SafetensorsError(f"{name}: tensor {key!r} has a malformed entry {info!r}.") from err
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end > data_len:
             raise SafetensorsError(
-                f"{path}: tensor {name!r} ends at byte {end} of the data but the file holds only "
+                f"{name}: tensor {key!r} ends at byte {end} of the data but the file holds only "
                 f"{data_len} data bytes: the file is truncated. Download or save it again."
             )
         if end - begin != expected or begin < 0:
             raise SafetensorsError(
-                f"{path}: tensor {name!r} claims {end - begin} bytes but dtype {info['dtype']} and "
+                f"{name}: tensor {key!r} claims {end - begin} bytes but dtype {info['dtype']} and "
                 f"shape {list(shape)} need {expected}: the header is corrupted."
             )
-        out[name] = np.array(mm[start + begin : start + end]).view(dtype).reshape(shape)
-    return out
+        tensors[key] = TensorInfo(dtype, shape, start + begin, start + end)
+    return tensors, metadata
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """(tensors, metadata) of a file, reading only its header."""
+    path = epath.Path(path)
+    with path.open("rb") as f:
+        return parse_header(f, path.stat().length, os.fspath(path))
+
+
+def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as numpy arrays (bfloat16 as ``ml_dtypes.bfloat16``)."""
+    path = epath.Path(path)
+    tensors, _ = read_header(path)
+    if os.path.isfile(os.fspath(path)):  # local: memory-map, copy each tensor once
+        mm = np.memmap(os.fspath(path), dtype=np.uint8, mode="r") if path.stat().length else None
+        raw = lambda t: np.array(mm[t.begin : t.end]) if t.end > t.begin else np.zeros(0, np.uint8)
+    else:
+        data = np.frombuffer(path.read_bytes(), np.uint8)
+        raw = lambda t: data[t.begin : t.end].copy()
+    return {key: raw(t).view(t.dtype).reshape(t.shape) for key, t in tensors.items()}
 
 
 def save(
@@ -96,8 +119,8 @@ def save(
     tensors: Mapping[str, np.ndarray],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write ``tensors`` (C-contiguous copies are made) atomically: temp file, then rename."""
-    path = os.fspath(path)
+    """Write ``tensors`` (C-contiguous copies are made) via a temporary file and a rename."""
+    path = epath.Path(path)
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -115,10 +138,10 @@ def save(
         arrays.append(arr)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as the reference writer does
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    tmp = path.parent / (path.name + ".tmp")
+    with tmp.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for arr in arrays:
             f.write(arr.tobytes())
-    os.replace(tmp, path)
+    tmp.replace(path)

@@ -1,0 +1,1 @@
+"""Prompt sources, triplet shards and the triplet dataset reader/loader."""
