@@ -24,6 +24,9 @@ INSTALL_REQUIRES = [
     "array_record>=0.5",
     "importlib_resources",  # needed by tensorflow-datasets' builder_from_directory
     "pyarrow>=14",  # parquet prompt files
+    "lpips-j>=0.0.6",  # LPIPS-VGG for distillation (weights read locally, see train/lpips.py)
+    "h5py>=3",
+    "matplotlib>=3.7",  # metric plots and evaluation figures
 ]
 
 EXTRAS = {
@@ -55,6 +58,7 @@ setup(
             "instaflow-generate=instaflow_jax.cli.generate:main",
             "instaflow-interpolate=instaflow_jax.cli.interpolate:main",
             "instaflow-generate-triplets=instaflow_jax.generate_triplets:run",
+            "instaflow-train=instaflow_jax.train.__main__:run",
         ]
     },
 )

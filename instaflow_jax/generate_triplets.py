@@ -21,6 +21,7 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
+from instaflow_jax.config_utils import from_dict
 from instaflow_jax.conventions import latent_shape, nchw_to_nhwc, nhwc_to_nchw
 from instaflow_jax.data.prompts import PromptSource, load_prompts, prompts_digest
 from instaflow_jax.data.shards import ShardError, shard_name, verify_shard, write_json, write_shard
@@ -55,9 +56,9 @@ class TeacherConfig:
 class TripletJob:
     """A triplet-generation job (see ``configs/triplets_sd15.py``)."""
 
-    teacher: TeacherConfig
-    prompts: PromptSource
-    output_dir: str
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    prompts: PromptSource = dataclasses.field(default_factory=PromptSource)
+    output_dir: str = "triplets"
     height: int = 512
     width: int = 512
     seed: int = 0
@@ -69,17 +70,7 @@ class TripletJob:
 
     @classmethod
     def from_config(cls, config: Any) -> TripletJob:
-        raw = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - known)
-        teacher_unknown = sorted(
-            set(raw.get("teacher", {})) - {f.name for f in dataclasses.fields(TeacherConfig)}
-        )
-        if unknown or teacher_unknown:
-            raise ValueError(f"unknown config keys: {unknown + [f'teacher.{k}' for k in teacher_unknown]}.")
-        raw["teacher"] = TeacherConfig(**raw.get("teacher", {}))
-        raw["prompts"] = PromptSource.from_config(raw.get("prompts", {}))
-        job = cls(**raw)
+        job = from_dict(cls, config)
         if job.shard_size < 1 or job.per_device_batch < 1:
             raise ValueError("shard_size and per_device_batch must be ≥ 1.")
         if job.latent_dtype not in ("float16", "float32", "bfloat16"):
@@ -209,7 +200,7 @@ def run() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from instaflow_jax.cli.common import USER_ERRORS
+    from instaflow_jax.cli.common import USER_ERRORS, run_absl
 
     config = config_flags.DEFINE_config_file(
         "config", None, "job config, e.g. configs/triplets_sd15.py:tiny", lock_config=True
@@ -219,13 +210,16 @@ def run() -> None:
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        from instaflow_jax.train.__main__ import quiet_logs
+
+        quiet_logs()
         try:
             print(f"triplets in {generate_triplets(config.value)}")
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 
-    app.run(main)
+    run_absl(main)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,63 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     os.makedirs(chosen, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", chosen)
     return chosen
+
+
+def initialize_distributed(
+    coordinator_address: str = "",
+    num_processes: int = 0,
+    process_id: int = -1,
+    cpu_collectives: str = "gloo",
+) -> None:
+    """``jax.distributed.initialize``: explicit arguments, or auto-detection (TPU pods, SLURM, …)
+    when they are left empty. On CPU, cross-process collectives need ``gloo``."""
+    if cpu_collectives:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    kwargs: dict[str, Any] = {}
+    if coordinator_address:
+        kwargs = {
+            "coordinator_address": coordinator_address,
+            "num_processes": num_processes,
+            "process_id": process_id,
+        }
+    jax.distributed.initialize(**kwargs)
+
+
+def fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2**16) -> PartitionSpec:
+    """Shard the largest axis divisible by the data-axis size (FSDP/ZeRO-3 style); replicate
+    small or indivisible arrays."""
+    n = mesh.shape[DATA_AXIS]
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return PartitionSpec()
+    for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+        if shape[axis] % n == 0:
+            spec = [None] * len(shape)
+            spec[axis] = DATA_AXIS
+            return PartitionSpec(*spec)
+    return PartitionSpec()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, fsdp: bool) -> Any:
+    """NamedShardings for every leaf of ``tree``: FSDP-sharded or replicated."""
+    if not fsdp:
+        return jax.tree.map(lambda _: replicated(mesh), tree)
+    return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), mesh)), tree)
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Host values (the same on every process) → global arrays with ``shardings``.
+
+    Works with several processes: each fills its addressable shards from its own copy.
+    """
+
+    def put(value: Any, sharding: NamedSharding) -> jax.Array:
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(put, tree, shardings)
+
+
+def global_batch(local: Any, mesh: Mesh) -> Any:
+    """Each process's slice of a batch (leading axis) → global arrays sharded over the data axis."""
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)

@@ -94,7 +94,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, codes)))
 
 
-def write_tiny_tokenizer(folder: str, words: tuple[str, ...] = TINY_WORDS) -> int:
+def write_tiny_tokenizer(folder: str, words: tuple[str, ...] = TINY_WORDS, max_length: int = 77) -> int:
     """Write a CLIP BPE tokenizer (vocab.json, merges.txt, configs); returns its vocab size.
 
     Every byte is a token (alone and word-final with ``</w>``), and each word of ``words`` is
@@ -122,7 +122,7 @@ def write_tiny_tokenizer(folder: str, words: tuple[str, ...] = TINY_WORDS) -> in
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     config = {
         "tokenizer_class": "CLIPTokenizer",
-        "model_max_length": 77,
+        "model_max_length": max_length,
         "bos_token": BOS,
         "eos_token": EOS,
         "pad_token": EOS,
@@ -236,4 +236,32 @@ def write_mock_tfds_captions(
         filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
         check_data=False,
     )
+    return folder
+
+
+VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+
+
+def write_random_lpips_weights(folder: str, seed: int = 0) -> str:
+    """Random VGG16 and linear-layer weights in lpips-j's h5 layout (for tests, no download).
+
+    ``vgg16_weights.h5``: groups ``conv{b}_{l}`` with ``weight`` [3, 3, in, out] and ``bias``;
+    ``lpips_lin.h5``: non-negative ``lin0`` … ``lin4`` [1, 1, C, 1].
+    """
+    import h5py
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with h5py.File(os.path.join(folder, "vgg16_weights.h5"), "w") as f:
+        channels = 3
+        for block, (features, layers) in enumerate(VGG16_BLOCKS, 1):
+            for layer in range(1, layers + 1):
+                group = f.create_group(f"conv{block}_{layer}")
+                scale = np.sqrt(2.0 / (9 * channels))
+                group["weight"] = (scale * rng.standard_normal((3, 3, channels, features))).astype(np.float32)
+                group["bias"] = (0.01 * rng.standard_normal(features)).astype(np.float32)
+                channels = features
+    with h5py.File(os.path.join(folder, "lpips_lin.h5"), "w") as f:
+        for i, (features, _) in enumerate(VGG16_BLOCKS):
+            f[f"lin{i}"] = np.abs(rng.standard_normal((1, 1, features, 1))).astype(np.float32) / features
     return folder

@@ -77,14 +77,7 @@ def resolve_model(path: str) -> str:
     return folder
 
 
-USER_ERRORS = (
-    FileNotFoundError,
-    ConfigError,
-    WeightsMismatchError,
-    SafetensorsError,
-    ValueError,
-    TypeError,
-)
+USER_ERRORS = (FileNotFoundError, ConfigError, WeightsMismatchError, SafetensorsError, ValueError)
 
 
 def run_cli(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser, argv=None) -> int:
@@ -117,3 +110,15 @@ def sampling_kwargs(args: argparse.Namespace, height: int, width: int) -> dict[s
         "width": width,
         "solver": args.solver,
     }
+
+
+def run_absl(main: Callable[[list[str]], None]) -> None:
+    """``absl.app.run`` whose flag errors (an unknown ``--config.key``) become one ``error:`` line."""
+    from absl import app
+
+    try:
+        app.run(main)
+    except (AttributeError, KeyError) as err:  # ml_collections' override errors, raised while parsing
+        message = str(err).strip("'\"").replace("\\n", " ").replace('\\"', '"').replace("\\'", "'")
+        print(f"error: unknown or invalid config override: {message}", file=sys.stderr)
+        sys.exit(2)

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from etils import epath
 
+from instaflow_jax.data.loader import ShuffledLoader
 from instaflow_jax.data.shards import (
     ShardError,
     ShardReader,
@@ -156,57 +156,4 @@ class TripletDataset:
         return out
 
 
-@dataclasses.dataclass
-class TripletLoader:
-    """Deterministic shuffled global batches, each process reading only its slice.
-
-    Global batch ``b`` of epoch ``e = b // steps_per_epoch`` is the ``b mod steps_per_epoch``-th
-    block of ``global_batch`` indices of a permutation seeded by (seed, e); process ``p`` of ``P``
-    takes the ``p``-th of ``P`` equal slices. Incomplete final batches are dropped, so within an
-    epoch every sample is read at most once and, when ``global_batch`` divides the dataset,
-    exactly once. Iteration can start at any step, which makes resumed training see the same data.
-    """
-
-    dataset: TripletDataset
-    global_batch: int
-    seed: int = 0
-    shuffle: bool = True
-    process_index: int = 0
-    process_count: int = 1
-    _order: tuple[int, np.ndarray] | None = dataclasses.field(default=None, init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.global_batch % self.process_count:
-            raise ValueError(
-                f"global_batch {self.global_batch} must be divisible by {self.process_count} processes."
-            )
-        if self.global_batch > len(self.dataset):
-            raise ValueError(
-                f"global_batch {self.global_batch} exceeds the dataset's {len(self.dataset)} samples."
-            )
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return len(self.dataset) // self.global_batch
-
-    def batch_indices(self, step: int) -> np.ndarray:
-        """This process's sample indices of global batch ``step``."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        block = self.epoch_order(epoch)[position * self.global_batch : (position + 1) * self.global_batch]
-        per_process = self.global_batch // self.process_count
-        return block[self.process_index * per_process : (self.process_index + 1) * per_process]
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The sample order of ``epoch`` (a permutation seeded by (seed, epoch); cached)."""
-        if self._order is None or self._order[0] != epoch:
-            n = len(self.dataset)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order = (epoch, order)
-        return self._order[1]
-
-    def __call__(self, start_step: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Yield (step, host-local batch) from ``start_step`` on, forever."""
-        step = start_step
-        while True:
-            yield step, self.dataset.read(self.batch_indices(step))
-            step += 1
+TripletLoader = ShuffledLoader  # the loader of triplet datasets (see data/loader.py)

@@ -28,6 +28,7 @@ from instaflow_jax.models import (
     UNetConfig,
     VAEConfig,
 )
+from instaflow_jax.models.identity_vae import IdentityAutoencoder, IdentityVAEConfig
 from instaflow_jax.precision import parse_dtype
 from instaflow_jax.weights import safetensors_io
 from instaflow_jax.weights.convert import (
@@ -52,7 +53,7 @@ class ComponentSpec:
 
     def expected_shapes(self, module: Any) -> dict:
         shapes = jax.eval_shape(module.init, jax.random.key(0), *self.dummy_inputs(module.config))
-        return flatten(shapes["params"])
+        return flatten(shapes.get("params", {}))  # parameter-free components have none
 
 
 def _unet_inputs(c: UNetConfig) -> tuple:
@@ -110,7 +111,14 @@ def read_config(folder: str, kind: str) -> Any:
             raw = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}.") from err
+    if kind == "vae" and raw.get("_class_name") == "IdentityAutoencoder":
+        return IdentityVAEConfig.from_dict(raw, source=path)
     return _spec(kind).config_cls.from_dict(raw, source=path)
+
+
+def module_class(kind: str, config: Any) -> type:
+    """The Flax class for a component's config (the identity autoencoder for pixel space)."""
+    return IdentityAutoencoder if isinstance(config, IdentityVAEConfig) else _spec(kind).module_cls
 
 
 def find_weights(folder: str, kind: str, variant: str | None = None) -> str:
@@ -207,14 +215,17 @@ def load_component(
     """
     spec = _spec(kind)
     config = read_config(folder, kind)
-    module = spec.module_cls(
+    module = module_class(kind, config)(
         config, dtype=parse_dtype(dtype), param_dtype=parse_dtype(param_dtype), **module_kwargs
     )
+    expected = spec.expected_shapes(module)
+    if not expected:
+        return module, {}
     path = find_weights(folder, kind, variant)
     flat = (
         read_msgpack(path) if path.endswith(".msgpack") else torch_to_flax(read_state_dict(path), spec.family)
     )
-    check_tree(flat, spec.expected_shapes(module), source=path)
+    check_tree(flat, expected, source=path)
     target = np.dtype(parse_dtype(param_dtype))
     params = unflatten({k: np.asarray(v).astype(target, copy=False) for k, v in flat.items()})
     return module, params
@@ -237,6 +248,8 @@ def save_component(
         flat = {k: np.asarray(v).astype(target) for k, v in flat.items()}
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(module.config.to_dict(), f, indent=2, sort_keys=True)
+    if not flat:  # a parameter-free component: its config is all there is
+        return os.path.join(folder, "config.json")
     if fmt == "msgpack":
         path = os.path.join(folder, spec.msgpack_name)
         tree = jax.tree.map(np.asarray, unflatten(flat))

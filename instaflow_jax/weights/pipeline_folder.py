@@ -156,11 +156,13 @@ def save_pipeline_parts(
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
     with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
         json.dump(scheduler_config, f, indent=2, sort_keys=True)
+    vae_class = modules["vae"].config.CLASS_NAMES[0]
+    vae_entry = ["diffusers" if vae_class == "AutoencoderKL" else "instaflow_jax", vae_class]
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.30.0",
         "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
+        "vae": vae_entry,
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", scheduler_config.get("_class_name", "PNDMScheduler")],

@@ -1,0 +1,1 @@
+"""Worked examples: the small-scale reproduction of InstaFlow on procedural data (``toy``)."""

@@ -1,0 +1,162 @@
+"""The training job as nested frozen dataclasses (built from ``configs/*.py`` by ``from_dict``).
+
+Objectives (method.md §4): ``reflow`` (2-Rectified Flow from SD triplets), ``distill`` (one-step
+student from the 2-RF), ``direct_distill`` (the same from the SD teacher: the paper's baseline)
+and ``teacher_pretrain`` (ε-prediction diffusion, for small experiments without a teacher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from instaflow_jax.config_utils import from_dict
+from instaflow_jax.data.prompts import PromptSource
+
+OBJECTIVES = ("reflow", "distill", "direct_distill", "teacher_pretrain")
+DATA_KINDS = ("triplets", "prompts", "images")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up then a constant or cosine schedule, and grad-norm clipping."""
+
+    learning_rate: float = 1e-6
+    warmup_steps: int = 1000
+    schedule: str = "constant"  # constant | cosine
+    final_lr_fraction: float = 0.0  # cosine: lr at the end / peak lr
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 1e-2
+    clip_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """``triplets``: a folder of ``generate_triplets`` (x0, x1, prompt); ``prompts``: prompts +
+    noise from (seed, index), targets computed online; ``images``: a registered image dataset
+    (teacher pre-training, see ``instaflow_jax.examples``)."""
+
+    kind: str = "triplets"
+    path: str = ""  # triplets folder
+    prompts: PromptSource = dataclasses.field(default_factory=PromptSource)
+    images: str = ""  # image dataset name (kind=images)
+    num_images: int = 0
+    seed: int = 0  # shuffling (and noise for kind=prompts)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen teacher for targets computed online (distillation without stored X1)."""
+
+    model: str = ""  # pipeline folder; "" = take X1 from the triplet data
+    solver: str = "euler"  # euler (2-RF) | dpmpp2m (SD, direct distillation)
+    num_steps: int = 25
+    guidance_scale: float = 1.5
+    negative_prompt: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleConfig:
+    """A PNG grid of samples from the EMA weights every ``every`` steps (0 = never)."""
+
+    every: int = 1000
+    prompts: tuple[str, ...] = (
+        "a photo of a cat",
+        "a red sports car",
+        "a bowl of fruit",
+        "a lighthouse at dusk",
+    )
+    num_steps: int = 1
+    guidance_scale: float = 0.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """``jax.distributed.initialize`` arguments; empty address = auto-detect (TPU, SLURM …)."""
+
+    enabled: bool = False
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    cpu_collectives: str = "gloo"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    objective: str = "reflow"
+    init_from: str = ""  # pipeline folder: student UNet init, frozen text encoder and VAE
+    init_unet_from_scratch: bool = False  # teacher_pretrain: random UNet instead of init_from's
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    height: int = 512
+    width: int = 512
+    batch_size: int = 64  # global, per optimizer step
+    grad_accum: int = 1  # micro-batches per step (batch_size must be divisible)
+    num_steps: int = 1000
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    ema_decay: float = 0.9999
+    prompt_dropout: float = 0.1  # probability of training on "" (keeps CFG usable)
+    t_min: float = 0.0  # reflow: t ~ U[t_min, t_max]
+    t_max: float = 1.0
+    loss: str = "l2"  # distill: l2 | lpips
+    lpips_weights_dir: str = ""
+    lpips_resize: int = 224  # resize decoded images before LPIPS (0 = keep)
+    dtype: str = "bfloat16"  # compute
+    param_dtype: str = "float32"  # master weights
+    remat: bool = False
+    fsdp: bool = False  # shard params and optimizer state over the data axis
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
+    export_ema: bool = True  # export the EMA (else raw) UNet at the end
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    # Keys that may change when a run is resumed (everything else must match the checkpoint).
+    RESUMABLE_CHANGES = (
+        "num_steps",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample",
+        "distributed",
+    )
+
+    @classmethod
+    def from_config(cls, config: Any) -> TrainConfig:
+        cfg = from_dict(cls, config)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        problems = []
+        if self.objective not in OBJECTIVES:
+            problems.append(f"objective {self.objective!r} (expected one of {OBJECTIVES})")
+        if self.data.kind not in DATA_KINDS:
+            problems.append(f"data.kind {self.data.kind!r} (expected one of {DATA_KINDS})")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            problems.append(
+                f"batch_size {self.batch_size} must be a positive multiple of grad_accum {self.grad_accum}"
+            )
+        if self.loss not in ("l2", "lpips"):
+            problems.append(f"loss {self.loss!r} (expected l2 or lpips)")
+        if self.optimizer.schedule not in ("constant", "cosine"):
+            problems.append(f"optimizer.schedule {self.optimizer.schedule!r} (expected constant or cosine)")
+        if not 0.0 <= self.prompt_dropout <= 1.0 or not 0.0 <= self.t_min < self.t_max <= 1.0:
+            problems.append("prompt_dropout must lie in [0, 1] and 0 ≤ t_min < t_max ≤ 1")
+        if not self.init_from:
+            problems.append("init_from (a pipeline folder) is required")
+        if (
+            self.objective in ("distill", "direct_distill")
+            and self.data.kind == "prompts"
+            and not self.teacher.model
+        ):
+            problems.append("distillation from prompts needs teacher.model to compute targets online")
+        if self.objective == "teacher_pretrain" and self.data.kind != "images":
+            problems.append("teacher_pretrain trains on images: set data.kind='images'")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems) + ".")

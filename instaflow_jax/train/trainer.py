@@ -1,0 +1,292 @@
+"""``train_and_evaluate(config, workdir)``: reflow, distillation and teacher pre-training.
+
+One linear trainer (big_vision style): mesh → models → data → state/shardings → checkpoint →
+compile → loop (log, checkpoint, sample) → export. The same code runs on one CPU, a multi-GPU
+host or a TPU pod: batches are split over the global mesh's data axis (each process reads only
+its slice), parameters are replicated or FSDP-sharded (``fsdp``), and ``jax.distributed`` joins
+the processes when ``distributed.enabled``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from instaflow_jax.config_utils import to_plain
+from instaflow_jax.conventions import latent_shape
+from instaflow_jax.data.images import make_image_dataset
+from instaflow_jax.data.loader import ShuffledLoader
+from instaflow_jax.data.prompt_noise import PromptNoiseDataset
+from instaflow_jax.data.prompts import load_prompts
+from instaflow_jax.data.triplets import TripletDataset
+from instaflow_jax.generation import SamplerSpec, make_generate_fn
+from instaflow_jax.images import make_grid, save_png
+from instaflow_jax.parallel import (
+    batch_sharded,
+    global_batch,
+    initialize_distributed,
+    make_mesh,
+    place,
+    replicated,
+    tree_shardings,
+)
+from instaflow_jax.sampling.noise import noise_for_indices
+from instaflow_jax.text import tokenize
+from instaflow_jax.train.checkpoint import Checkpointer, config_differences
+from instaflow_jax.train.config import TrainConfig
+from instaflow_jax.train.export import export_pipeline
+from instaflow_jax.train.metrics import MetricsWriter, plot_metrics
+from instaflow_jax.train.objectives import make_objective
+from instaflow_jax.train.state import TrainState, create_state, make_optimizer, train_step
+from instaflow_jax.weights.folder import load_component
+from instaflow_jax.weights.pipeline_folder import load_pipeline_parts
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: TrainState
+    workdir: str
+    losses: dict[int, float]  # step → loss of every logged step
+    export_dir: str | None
+
+
+def _models(cfg: TrainConfig) -> dict[str, Any]:
+    """Modules, numpy params, tokenizer and scheduler config of ``init_from`` (student init)."""
+    from instaflow_jax.cli.common import resolve_model
+
+    parts = load_pipeline_parts(
+        resolve_model(cfg.init_from), dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat
+    )
+    if cfg.init_unet_from_scratch:
+        unet = parts["modules"]["unet"]
+        dummy = (
+            jnp.zeros((1, 8, 8, unet.config.in_channels)),
+            jnp.ones((1,)),
+            jnp.zeros((1, 1, unet.config.cross_attention_dim)),
+        )
+        parts["params"]["unet"] = jax.tree.map(
+            np.asarray, jax.jit(unet.init)(jax.random.key(cfg.seed), *dummy)["params"]
+        )
+    return parts
+
+
+def _frozen(cfg: TrainConfig, parts: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """What the objective needs but does not train; and the LPIPS module (or None)."""
+    frozen = {
+        "text_encoder": parts["params"]["text_encoder"],
+        "vae": parts["params"]["vae"],
+        "uncond_ids": tokenize(parts["tokenizer"], [""]),
+    }
+    if cfg.teacher.model and cfg.objective in ("distill", "direct_distill"):
+        from instaflow_jax.cli.common import resolve_model
+
+        teacher_unet, params = load_component(os.path.join(resolve_model(cfg.teacher.model), "unet"), "unet")
+        if teacher_unet.config != parts["modules"]["unet"].config:
+            raise ValueError(
+                "the teacher's UNet config differs from the student's; both must be SD 1.x UNets alike."
+            )
+        frozen["teacher_unet"] = params
+    lpips_module = None
+    if cfg.loss == "lpips" and cfg.objective in ("distill", "direct_distill"):
+        from instaflow_jax.train.lpips import make_lpips
+
+        lpips_module, frozen["lpips"] = make_lpips(cfg.lpips_weights_dir or None, cfg.lpips_resize or 64)
+    return frozen, lpips_module
+
+
+def _dataset(cfg: TrainConfig, shape: tuple[int, int, int]) -> Any:
+    if cfg.data.kind == "triplets":
+        dataset = TripletDataset(cfg.data.path)
+        if dataset.latent_shape != shape:
+            raise ValueError(
+                f"{cfg.data.path} holds latents {dataset.latent_shape}, the config implies {shape}."
+            )
+        return dataset
+    if cfg.data.kind == "prompts":
+        return PromptNoiseDataset(load_prompts(cfg.data.prompts), cfg.data.seed, shape)
+    return make_image_dataset(cfg.data.images, cfg.data.num_images, cfg.data.seed, cfg.height, cfg.width)
+
+
+def _to_device_batch(local: dict[str, Any], tokenizer: Any, mesh: Any) -> dict[str, jax.Array]:
+    arrays = {k: v for k, v in local.items() if k in ("x0", "x1", "images")}
+    arrays["ids"] = tokenize(tokenizer, local["prompt"])
+    return global_batch(arrays, mesh)
+
+
+def _sampler(cfg: TrainConfig, parts: dict[str, Any], shape: tuple[int, int, int]):
+    """``sample(unet_params, frozen) -> images`` for the PNG grids, from fixed prompts and noise."""
+    prompts = list(cfg.sample.prompts)
+    solver = "dpmpp2m" if cfg.objective == "teacher_pretrain" else "euler"
+    cfg_on = cfg.sample.guidance_scale > 1.0
+    spec = SamplerSpec(cfg.sample.num_steps, solver, cfg_on, "image")
+    generate = jax.jit(make_generate_fn(parts["modules"], spec, parts["scheduler_config"]))
+    ids = tokenize(parts["tokenizer"], prompts)
+    uncond = tokenize(parts["tokenizer"], [""] * len(prompts)) if cfg_on else None
+    z0 = noise_for_indices(cfg.sample.seed, np.arange(len(prompts)), shape)
+
+    def sample(unet_params, frozen):
+        params = {"unet": unet_params, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]}
+        images = generate(params, ids, uncond, z0, jnp.float32(cfg.sample.guidance_scale))
+        return np.asarray(multihost_utils.process_allgather(images, tiled=True))
+
+    return sample
+
+
+def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
+    """Train (or resume) the job of ``config`` in ``workdir``; export the UNet at the end."""
+    cfg = TrainConfig.from_config(config)
+    plain_config = to_plain(cfg)
+    # ---------------------------------------------------------------- mesh
+    if cfg.distributed.enabled:
+        d = cfg.distributed
+        initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives)
+    mesh = make_mesh(jax.devices())
+    lead = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    # ---------------------------------------------------------------- models
+    parts = _models(cfg)
+    modules, tokenizer = parts["modules"], parts["tokenizer"]
+    vae = modules["vae"]
+    shape = latent_shape(1, cfg.height, cfg.width, vae.config.latent_channels, vae.config.downsample_factor)[
+        1:
+    ]
+    frozen_host, lpips_module = _frozen(cfg, parts)
+    loss_fn = make_objective(cfg, modules, parts["scheduler_config"], lpips_module)
+    # ---------------------------------------------------------------- input
+    loader = ShuffledLoader(
+        _dataset(cfg, shape),
+        cfg.batch_size,
+        seed=cfg.data.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    if cfg.batch_size % mesh.size:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {mesh.size} devices.")
+    # ---------------------------------------------------------------- state and shardings
+    optimizer, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
+    abstract = jax.eval_shape(functools.partial(create_state, optimizer=optimizer), parts["params"]["unet"])
+    state_shardings = tree_shardings(abstract, mesh, cfg.fsdp)
+    frozen_shardings = tree_shardings(frozen_host, mesh, cfg.fsdp)
+    frozen = place(frozen_host, frozen_shardings)
+    # ---------------------------------------------------------------- checkpoint
+    checkpointer = Checkpointer(
+        os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.checkpoint_every
+    )
+    start = checkpointer.latest_step()
+    if start is None:
+        unet_params = place(parts["params"]["unet"], tree_shardings(parts["params"]["unet"], mesh, cfg.fsdp))
+        state = jax.jit(functools.partial(create_state, optimizer=optimizer), out_shardings=state_shardings)(
+            unet_params
+        )
+        start = 0
+    else:
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
+        )
+        state, meta = checkpointer.restore(start, target)
+        differences = config_differences(meta["config"], plain_config, TrainConfig.RESUMABLE_CHANGES)
+        if differences:
+            raise ValueError(f"{workdir} was trained with another config: " + "; ".join(differences) + ".")
+    del parts["params"]["unet"]
+    # ---------------------------------------------------------------- compile
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            schedule=schedule,
+            ema_decay=cfg.ema_decay,
+            grad_accum=cfg.grad_accum,
+            seed=cfg.seed,
+        ),
+        in_shardings=(state_shardings, frozen_shardings, batch_sharded(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    batches = loader(start)
+    _, first = next(batches)
+    first = _to_device_batch(first, tokenizer, mesh)
+    compile_start = time.perf_counter()
+    compiled = step_fn.lower(state, frozen, first).compile()
+    compile_s = time.perf_counter() - compile_start
+    sample = _sampler(cfg, parts, shape) if cfg.sample.every > 0 else None
+    # ---------------------------------------------------------------- loop
+    writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
+    losses: dict[int, float] = {}
+    progress = tqdm(total=cfg.num_steps, initial=start, unit="step", disable=not lead, desc="train")
+    pending, tick, tick_step = None, time.perf_counter(), start
+    step, batch = start, first
+    while step < cfg.num_steps:
+        state, metrics = compiled(state, frozen, batch)
+        if pending is not None:
+            _check_finite(*pending, checkpointer)
+        pending = (step, metrics)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.num_steps:
+            values = {k: local_value(v) for k, v in metrics.items()}
+            _check_finite(step, values, checkpointer)
+            elapsed = time.perf_counter() - tick
+            values["step_time"] = elapsed / max(done - tick_step, 1)
+            values["images_per_s"] = cfg.batch_size / values["step_time"]
+            values["compile_time"] = compile_s
+            tick, tick_step = time.perf_counter(), done
+            losses[done] = values["loss"]
+            writer.write(done, values)
+            progress.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
+        checkpointer.save(done, state, plain_config, force=done == cfg.num_steps)
+        if sample is not None and (done % cfg.sample.every == 0 or done == cfg.num_steps):
+            grid = make_grid(sample(state.ema_params, frozen))
+            if lead:
+                save_png(os.path.join(workdir, "samples", f"step_{done:07d}.png"), grid)
+        progress.update(1)
+        step = done
+        if step < cfg.num_steps:
+            batch = _to_device_batch(next(batches)[1], tokenizer, mesh)
+    progress.close()
+    checkpointer.close()
+    # ---------------------------------------------------------------- export
+    export_dir = os.path.join(workdir, "export")
+    export_pipeline(
+        export_dir,
+        modules,
+        state.ema_params if cfg.export_ema else state.params,
+        frozen,
+        tokenizer,
+        parts["scheduler_config"],
+    )
+    if lead:
+        plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "metrics.png"))
+    return TrainResult(state, workdir, losses, export_dir)
+
+
+def local_value(x: Any) -> float:
+    """A replicated scalar's value from this process's own copy (works with several processes)."""
+    return float(np.asarray(x.addressable_data(0))) if isinstance(x, jax.Array) else float(x)
+
+
+def _check_finite(step: int, metrics: Any, checkpointer: Checkpointer) -> None:
+    loss = local_value(metrics["loss"])
+    if not math.isfinite(loss):
+        checkpointer.wait()
+        last = checkpointer.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite loss {loss} at step {step + 1} (grad_norm {local_value(metrics['grad_norm'])}). "
+            f"The last checkpoint is step {last}; lower the learning rate or check the data, then resume."
+        )
+
+
+__all__ = ["NonFiniteLossError", "TrainResult", "train_and_evaluate"]
