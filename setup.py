@@ -59,6 +59,7 @@ setup(
             "instaflow-interpolate=instaflow_jax.cli.interpolate:main",
             "instaflow-generate-triplets=instaflow_jax.generate_triplets:run",
             "instaflow-train=instaflow_jax.train.__main__:run",
+            "instaflow-toy=instaflow_jax.examples.toy:run",
         ]
     },
 )

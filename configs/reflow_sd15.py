@@ -87,7 +87,7 @@ def get_config(variant: str = "") -> ConfigDict:
         config.batch_size, config.num_steps = 1024, 25_000
     elif variant == "tiny":
         config.init_from = "tiny-random"
-        config.data.path = "/tmp/instaflow_jax/triplets_tiny"
+        config.data.path = "/tmp/instaflow-jax/triplets_tiny"
         config.height = config.width = 64
         config.batch_size = 4
         config.num_steps = 20

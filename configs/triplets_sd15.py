@@ -60,7 +60,7 @@ def get_config(variant: str = "") -> ConfigDict:
         config.teacher.dtype = "float32"
         config.teacher.num_steps = 4
         config.prompts.path = os.path.join(HERE, "data", "tiny_prompts.txt")
-        config.output_dir = "/tmp/instaflow_jax/triplets_" + variant
+        config.output_dir = "/tmp/instaflow-jax/triplets_" + variant
         config.height = config.width = 64
         config.shard_size = 5
         config.per_device_batch = 2

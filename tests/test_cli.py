@@ -155,3 +155,38 @@ def test_readme_quick_start_command(tmp_path, capsys):
     assert generate_cli.main(argv) == 0
     assert Image.open(grid).size == (4 * 66 - 2, 64)
     assert "ms/image" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra, kwargs",
+    [
+        (
+            ["--steps", "4", "--guidance", "1.5", "--negative-prompt", "blurry"],
+            {"num_steps": 4, "guidance_scale": 1.5, "negative_prompt": "blurry"},
+        ),
+        (
+            ["--solver", "dpmpp2m", "--steps", "25", "--guidance", "5"],
+            {"num_steps": 25, "guidance_scale": 5.0, "solver": "dpmpp2m"},
+        ),
+    ],
+    ids=["2rf-few-steps-cfg-negative", "sd-teacher-dpmpp2m"],
+)
+def test_generate_cli_sampling_options_equal_the_library(tiny_pipeline_dir, tmp_path, extra, kwargs):
+    """The README's 2-RF and SD-teacher commands, on the tiny pipeline."""
+    argv = ["--model", tiny_pipeline_dir, "--prompt", "a cat in a hat", "--num-images", "1"]
+    argv += [
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--out",
+        str(tmp_path / "g.png"),
+        "--out-dir",
+        str(tmp_path / "each"),
+    ]
+    assert generate_cli.main(argv + extra) == 0
+    expected = instaflow_jax.load_pipeline(tiny_pipeline_dir).generate(
+        ["a cat in a hat"], height=64, width=64, **kwargs
+    )
+    saved = np.asarray(Image.open(tmp_path / "each" / "0000.png"), np.float32) / 255.0
+    np.testing.assert_allclose(saved, expected[0], atol=1 / 255 + 1e-5)

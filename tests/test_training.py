@@ -352,3 +352,24 @@ def test_a_fresh_state_can_be_donated():
     state = create_state({"w": np.ones((3,), np.float32)}, optax.sgd(0.1))
     bump = jax.jit(lambda s: s.replace(params=jax.tree.map(lambda p: p + 1, s.params)), donate_argnums=0)
     assert float(bump(state).ema_params["w"][0]) == 1.0
+
+
+def test_init_output_sign_negates_only_the_output_layer(tiny_pipeline_dir, triplets, tmp_path):
+    import instaflow_jax
+
+    frozen_lr = {"learning_rate": 0.0, "warmup_steps": 0, "weight_decay": 0.0, "clip_norm": 1.0}
+    cfg = config(
+        tiny_pipeline_dir, data={"path": triplets}, num_steps=1, init_output_sign=-1, optimizer=frozen_lr
+    )
+    result = train_and_evaluate(cfg, str(tmp_path))
+    before = instaflow_jax.load_pipeline(tiny_pipeline_dir).params["unet"]
+    after = instaflow_jax.load_pipeline(result.export_dir).params["unet"]
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(
+            np.asarray(after["conv_out"][name]), -np.asarray(before["conv_out"][name])
+        )
+    np.testing.assert_array_equal(
+        np.asarray(after["conv_in"]["kernel"]), np.asarray(before["conv_in"]["kernel"])
+    )
+    with pytest.raises(ValueError, match="init_output_sign must be 1 or -1"):
+        train_and_evaluate({**cfg, "init_output_sign": 2}, str(tmp_path / "bad"))

@@ -119,3 +119,40 @@ def dpm_solver_sample(eps_field: Field, x_t: jax.Array, schedule: DPMSolverSched
     x = x_t.astype(jnp.float32)
     (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), coefficients)
     return x
+
+
+def rf_times(schedule: DPMSolverSchedule) -> np.ndarray:
+    """Rectified-flow time of each solver state (start of every step, then the end), [N + 1].
+
+    A VP state x = α·x̂0 + σ·ε, divided by α + σ, is t·x̂0 + (1 − t)·ε with t = α / (α + σ):
+    the interpolation of rectified flow between noise (t = 0) and data (t = 1).
+    """
+    alphas = np.concatenate([schedule.alpha_s, [1.0]]).astype(np.float64)
+    sigmas = np.concatenate([schedule.sigma_s, [0.0]]).astype(np.float64)
+    return alphas / (alphas + sigmas)
+
+
+def dpm_solver_trajectory(
+    eps_field: Field, x_t: jax.Array, schedule: DPMSolverSchedule
+) -> tuple[jax.Array, np.ndarray]:
+    """The solver's states mapped to rectified-flow coordinates: (Z [N + 1, B, …], t [N + 1]).
+
+    ``Z_k = x_k / (α_k + σ_k)`` at time ``t_k = α_k / (α_k + σ_k)`` (see :func:`rf_times`), so
+    the SD teacher's flow can be compared with a rectified flow, e.g. for straightness.
+    """
+    coefficients = jnp.stack(
+        [jnp.asarray(getattr(schedule, f.name)) for f in dataclasses.fields(schedule)], axis=1
+    )
+
+    def step(carry, c):
+        x, x0_prev = carry
+        t, alpha_s, sigma_s, ratio, phi, weight = (c[i] for i in range(6))
+        x0 = (x - sigma_s * eps_field(x, t).astype(jnp.float32)) / alpha_s
+        x_next = ratio * x + phi * x0 + 0.5 * phi * weight * (x0 - x0_prev)
+        return (x_next, x0), x
+
+    x = x_t.astype(jnp.float32)
+    (last, _), states = jax.lax.scan(step, (x, jnp.zeros_like(x)), coefficients)
+    xs = jnp.concatenate([states, last[None]], axis=0)
+    scale = np.concatenate([schedule.alpha_s + schedule.sigma_s, [1.0]]).astype(np.float32)
+    return xs / jnp.asarray(scale).reshape((-1,) + (1,) * (xs.ndim - 1)), rf_times(schedule)

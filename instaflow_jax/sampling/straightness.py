@@ -32,3 +32,28 @@ def velocity_change(field: Field, z0: jax.Array, num_steps: int = 25) -> jax.Arr
     """Per-step mean squared change of the velocity along the Euler path, float32 [N − 1]."""
     _, vs = euler_trajectory(field, z0, num_steps)
     return jnp.mean(jnp.square(vs[1:] - vs[:-1]), axis=tuple(range(1, vs.ndim)))
+
+
+def trajectory_straightness(zs: jax.Array, ts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """S of a discretised trajectory with any (increasing) times.
+
+    ``zs`` [N + 1, B, …] states at times ``ts`` [N + 1]; the velocity of segment k is
+    ``(z_{k+1} − z_k) / (t_{k+1} − t_k)`` and the chord is ``(z_N − z_0) / (t_N − t_0)``; S is
+    the time-weighted mean of their squared difference (per element), normalised by t_N − t_0.
+    For an Euler trajectory on uniform times it equals :func:`straightness`.
+    Returns (S, per_sample [B]) in float32.
+    """
+    zs, ts = jnp.asarray(zs, jnp.float32), jnp.asarray(ts, jnp.float32)
+    dt = (ts[1:] - ts[:-1]).reshape((-1,) + (1,) * (zs.ndim - 1))
+    velocities = (zs[1:] - zs[:-1]) / dt
+    chord = (zs[-1] - zs[0]) / (ts[-1] - ts[0])
+    sq = jnp.mean(jnp.square(velocities - chord[None]), axis=tuple(range(2, zs.ndim)))  # [N, B]
+    per_sample = jnp.sum(sq * dt.reshape(-1, 1), axis=0) / (ts[-1] - ts[0])
+    return jnp.mean(per_sample), per_sample
+
+
+def trajectory_velocity_change(zs: jax.Array, ts: jax.Array) -> jax.Array:
+    """Mean squared change between consecutive segment velocities, float32 [N − 1]."""
+    zs, ts = jnp.asarray(zs, jnp.float32), jnp.asarray(ts, jnp.float32)
+    velocities = (zs[1:] - zs[:-1]) / (ts[1:] - ts[:-1]).reshape((-1,) + (1,) * (zs.ndim - 1))
+    return jnp.mean(jnp.square(velocities[1:] - velocities[:-1]), axis=tuple(range(1, zs.ndim)))

@@ -89,6 +89,10 @@ class TrainConfig:
     objective: str = "reflow"
     init_from: str = ""  # pipeline folder: student UNet init, frozen text encoder and VAE
     init_unet_from_scratch: bool = False  # teacher_pretrain: random UNet instead of init_from's
+    # -1 negates the initial UNet's output layer: an ε-prediction init (SD) then starts from
+    # v ≈ −ε̂, the dominant term of the velocity target X1 − X0 near the noise end. The paper
+    # starts from SD as is (+1) and trains 70k+ steps; short runs (the toy) need the head start.
+    init_output_sign: int = 1
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     height: int = 512
@@ -150,6 +154,8 @@ class TrainConfig:
             problems.append("prompt_dropout must lie in [0, 1] and 0 ≤ t_min < t_max ≤ 1")
         if not self.init_from:
             problems.append("init_from (a pipeline folder) is required")
+        if self.init_output_sign not in (1, -1):
+            problems.append(f"init_output_sign must be 1 or -1, got {self.init_output_sign}")
         if (
             self.objective in ("distill", "direct_distill")
             and self.data.kind == "prompts"

@@ -33,6 +33,7 @@ from instaflow_jax.generation import SamplerSpec, make_generate_fn
 from instaflow_jax.images import make_grid, save_png
 from instaflow_jax.parallel import (
     batch_sharded,
+    enable_compilation_cache,
     global_batch,
     initialize_distributed,
     make_mesh,
@@ -81,6 +82,9 @@ def _models(cfg: TrainConfig) -> dict[str, Any]:
         parts["params"]["unet"] = jax.tree.map(
             np.asarray, jax.jit(unet.init)(jax.random.key(cfg.seed), *dummy)["params"]
         )
+    if cfg.init_output_sign == -1:
+        head = parts["params"]["unet"]["conv_out"]
+        parts["params"]["unet"]["conv_out"] = {name: -np.asarray(value) for name, value in head.items()}
     return parts
 
 
@@ -156,6 +160,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
         initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives)
     mesh = make_mesh(jax.devices())
     lead = jax.process_index() == 0
+    enable_compilation_cache()
     os.makedirs(workdir, exist_ok=True)
     # ---------------------------------------------------------------- models
     parts = _models(cfg)
