@@ -10,7 +10,12 @@ Usage (after ``instaflow-toy --workdir runs/toy`` finished; add ``--variant qual
 
     python benchmarks/toy_controls.py --workdir runs/toy --seeds 100 101
 
-Writes ``runs/toy/controls/summary.md`` (mean ± standard deviation over seeds) and prints it.
+3. **Fidelity**: how close each one-step student comes to its own teacher from the same noise
+   (RMSE and FID between the two sample sets) — the distillation error itself.
+
+Writes ``runs/toy/controls/summary.md`` (mean ± standard deviation over seeds) and
+``controls/fidelity.md``, and prints them. ``--fidelity-only`` skips 1 and 2;
+``--guidance-sweep 1 2 3`` adds the teacher's FID and prompt accuracy at those guidance scales.
 """
 
 from __future__ import annotations
@@ -67,6 +72,113 @@ def evaluate_seed(
         return json.load(f)
 
 
+def fidelity(cfg: Any, workdir: str, done: dict) -> str:
+    """How close each one-step student comes to its own teacher, on the eval prompts and noises.
+
+    Students: "2rf+distill" (teacher: the 2-RF, 25 Euler steps) and "direct distill" (teacher:
+    the ε-teacher, 25 DPM-Solver++ steps); the one-step flows are listed beside them. Per-sample
+    RMSE in [0, 1] pixel units and FID between the student's and its teacher's samples, both from
+    the same prompts and noises. Markdown.
+    """
+    import instaflow_jax
+    from instaflow_jax.examples.toy_classifier import features_and_predictions, load_or_train
+    from instaflow_jax.examples.toy_data import ToyShapes
+    from instaflow_jax.examples.toy_eval import frechet_distance, generate_all
+    from instaflow_jax.sampling.noise import noise_for_indices
+
+    n, size, seed = cfg.eval.num_samples, cfg.image_size, cfg.eval.seed
+    prompts = ToyShapes(n, seed=seed, height=size, width=size).read(np.arange(n))["prompt"]
+    noise = np.asarray(noise_for_indices(seed, np.arange(n), (size, size, 3)))
+    classifier = load_or_train(
+        os.path.join(workdir, "eval", "classifier.msgpack"), size, cfg.eval.classifier_steps
+    )
+    pipes = {
+        name: instaflow_jax.load_pipeline(done[stage]["export"])
+        for name, stage in (("teacher", "teacher"), ("2rf", "reflow"), ("2rf+distill", "distill"))
+        + (("direct distill", "direct"),)
+    }
+
+    def sample(name: str, steps: int, guidance: float) -> np.ndarray:
+        solver = "dpmpp2m" if name == "teacher" else "euler"
+        return generate_all(
+            pipes[name],
+            prompts,
+            noise,
+            num_steps=steps,
+            guidance_scale=guidance,
+            solver=solver,
+            height=size,
+            width=size,
+        )
+
+    targets = {
+        "teacher": sample("teacher", 25, cfg.teacher.guidance),
+        "2rf": sample("2rf", 25, cfg.reflow.guidance),
+    }
+    students = {
+        "2rf+distill": ("2rf", sample("2rf+distill", 1, 0.0)),
+        "direct distill": ("teacher", sample("direct distill", 1, 0.0)),
+        "2rf, 1 Euler step": ("2rf", sample("2rf", 1, cfg.reflow.guidance)),
+        "teacher, 1 DPM-Solver++ step": ("teacher", sample("teacher", 1, cfg.teacher.guidance)),
+    }
+    lines = [
+        f"Eval seed {seed}, {n} samples; teachers at 25 steps.",
+        "",
+        "| one-step model | its teacher | RMSE to teacher ↓ | FID to teacher's samples ↓ |",
+        "|---|---|---|---|",
+    ]
+    for name, (teacher, images) in students.items():
+        rmse = float(np.sqrt(np.mean((images - targets[teacher]) ** 2)))
+        fid = frechet_distance(
+            features_and_predictions(classifier, targets[teacher])[0],
+            features_and_predictions(classifier, images)[0],
+        )
+        lines.append(f"| {name} | {teacher} (25 steps) | {rmse:.4f} | {fid:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def guidance_sweep(cfg: Any, workdir: str, done: dict, guidances: list[float]) -> str:
+    """The teacher at 2 and 25 DPM-Solver++ steps for each guidance scale: FID to real images,
+    prompt accuracy and the pixel standard deviation (real images' in the header). Markdown."""
+    import instaflow_jax
+    from instaflow_jax.examples.toy_classifier import features_and_predictions, load_or_train
+    from instaflow_jax.examples.toy_data import ToyShapes
+    from instaflow_jax.examples.toy_eval import frechet_distance, generate_all, prompt_accuracy
+    from instaflow_jax.sampling.noise import noise_for_indices
+
+    n, size, seed = cfg.eval.num_samples, cfg.image_size, cfg.eval.seed
+    real = ToyShapes(n, seed=seed, height=size, width=size).read(np.arange(n))
+    noise = np.asarray(noise_for_indices(seed, np.arange(n), (size, size, 3)))
+    classifier = load_or_train(
+        os.path.join(workdir, "eval", "classifier.msgpack"), size, cfg.eval.classifier_steps
+    )
+    real_features, _ = features_and_predictions(classifier, real["images"])
+    pipe = instaflow_jax.load_pipeline(done["teacher"]["export"])
+    lines = [
+        f"Teacher, eval seed {seed}, {n} samples; real images' pixel std {real['images'].std():.4f}.",
+        "",
+        "| guidance | steps | FID ↓ | prompt accuracy ↑ | pixel std |",
+        "|---|---|---|---|---|",
+    ]
+    for guidance in guidances:
+        for steps in (2, 25):
+            images = generate_all(
+                pipe,
+                real["prompt"],
+                noise,
+                num_steps=steps,
+                guidance_scale=guidance,
+                solver="dpmpp2m",
+                height=size,
+                width=size,
+            )
+            features, predicted = features_and_predictions(classifier, images)
+            fid = frechet_distance(real_features, features)
+            accuracy = prompt_accuracy(predicted, real["labels"], real["named"])
+            lines.append(f"| {guidance:g} | {steps} | {fid:.1f} | {accuracy:.3f} | {images.std():.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def summarize(per_seed: dict[int, dict]) -> str:
     """Markdown: FID and prompt accuracy as mean ± std over seeds, straightness likewise."""
     seeds = sorted(per_seed)
@@ -100,6 +212,16 @@ def main() -> None:
     parser.add_argument("--workdir", required=True, help="a finished instaflow-toy run folder")
     parser.add_argument("--variant", default="", help="the variant the run used ('' or 'quality')")
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101], help="extra eval seeds")
+    parser.add_argument(
+        "--fidelity-only", action="store_true", help="only the students-vs-own-teacher table (minutes)"
+    )
+    parser.add_argument(
+        "--guidance-sweep",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also sample the teacher at these guidances",
+    )
     args = parser.parse_args()
     toy.use_every_core()
     cfg = get_config(args.variant)
@@ -110,6 +232,18 @@ def main() -> None:
     for name in toy.STAGES:
         with open(os.path.join(stages, f"{name}.json")) as f:
             done[name] = json.load(f)
+    os.makedirs(os.path.join(args.workdir, "controls"), exist_ok=True)
+    table = fidelity(cfg, args.workdir, done)
+    with open(os.path.join(args.workdir, "controls", "fidelity.md"), "w") as f:
+        f.write(table)
+    print(table)
+    if args.guidance_sweep:
+        sweep = guidance_sweep(cfg, args.workdir, done, args.guidance_sweep)
+        with open(os.path.join(args.workdir, "controls", "guidance_sweep.md"), "w") as f:
+            f.write(sweep)
+        print(sweep)
+    if args.fidelity_only:
+        return
     steps = cfg.reflow.steps + cfg.distill.steps
     models = {
         "teacher": done["teacher"]["export"],

@@ -248,7 +248,7 @@ def check_claims(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     few, many = steps[0], steps[-1]
     claims = {
         "reflow lowers straightness S": (flows["2rf"]["straightness"], flows["teacher"]["straightness"]),
-        "2-RF + distill beats direct distillation at one step": (
+        "2-RF + distill beats direct distillation at one step (same distillation steps)": (
             fid[("2rf+distill", 1)],
             fid[("direct distill", 1)],
         ),
