@@ -27,6 +27,8 @@ INSTALL_REQUIRES = [
     "lpips-j>=0.0.6",  # LPIPS-VGG for distillation (weights read locally, see train/lpips.py)
     "h5py>=3",
     "matplotlib>=3.7",  # metric plots and evaluation figures
+    "scipy>=1.11",  # FID's matrix square root (toy evaluation)
+    "huggingface_hub>=0.24",  # reading the local Hugging Face cache; the `hf download` command
 ]
 
 EXTRAS = {

@@ -17,23 +17,26 @@ from ml_collections import ConfigDict
 _REFLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reflow_sd15.py")
 
 
-def _base() -> ConfigDict:
+def _reflow_config(variant: str) -> ConfigDict:
     spec = importlib.util.spec_from_file_location("reflow_sd15", _REFLOW)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config("")
+    return module.get_config(variant)
 
 
 def get_config(variant: str = "") -> ConfigDict:
-    config = _base()
+    tiny = variant in ("tiny", "tiny_lpips")
+    # The tiny variants share reflow's tiny training settings (size, steps, optimizer, logging).
+    config = _reflow_config("tiny" if tiny else "")
     config.objective = "distill"
-    config.init_from = "2_rectified_flow_from_sd_1_5"
-    config.data.path = "triplets/2rf"
-    config.batch_size = 1024
-    config.num_steps = 21_500
     config.prompt_dropout = 0.0
     config.loss = "l2"
     config.sample.num_steps = 1
+    if not tiny:
+        config.init_from = "2_rectified_flow_from_sd_1_5"
+        config.data.path = "triplets/2rf"
+        config.batch_size = 1024
+        config.num_steps = 21_500
 
     if variant == "lpips":
         config.loss = "lpips"
@@ -44,22 +47,11 @@ def get_config(variant: str = "") -> ConfigDict:
         config.objective = "direct_distill"
         config.init_from = "stable-diffusion-v1-5"
         config.data.path = "triplets/sd15"
-    elif variant in ("tiny", "tiny_lpips"):
-        config.init_from = "tiny-random"
+    elif tiny:
         config.data.kind = "prompts"
         config.data.prompts.path = os.path.join(os.path.dirname(_REFLOW), "data", "tiny_prompts.txt")
         config.teacher.model = "tiny-random"
         config.teacher.num_steps = 4
-        config.height = config.width = 64
-        config.batch_size = 4
-        config.num_steps = 20
-        config.optimizer.learning_rate, config.optimizer.warmup_steps = 1e-3, 2
-        config.ema_decay = 0.9
-        config.dtype = "float32"
-        config.log_every = 5
-        config.checkpoint_every = 10
-        config.sample.every = 10
-        config.sample.prompts = ("a small red circle at the top left", "a photo of a cat")
         if variant == "tiny_lpips":
             config.loss = "lpips"
             config.lpips_resize = 64

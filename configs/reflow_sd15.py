@@ -7,7 +7,12 @@ Variants (``--config configs/reflow_sd15.py:VARIANT``):
           ``python -m instaflow_jax.generate_triplets --config configs/triplets_sd15.py:tiny``).
 """
 
+import dataclasses
+
 from ml_collections import ConfigDict
+
+from instaflow_jax.data.prompts import PromptSource
+from instaflow_jax.train.config import TeacherConfig
 
 
 def get_config(variant: str = "") -> ConfigDict:
@@ -18,21 +23,10 @@ def get_config(variant: str = "") -> ConfigDict:
     config.data = ConfigDict(
         {"kind": "triplets", "path": "triplets/sd15", "images": "", "num_images": 0, "seed": 0}
     )
-    config.data.prompts = ConfigDict(
-        {
-            "kind": "text",
-            "path": "",
-            "column": "prompt",
-            "name": "coco_captions",
-            "split": "train",
-            "field": "captions/text",
-            "dedupe": True,
-            "limit": 0,
-        }
-    )
-    config.teacher = ConfigDict(
-        {"model": "", "solver": "euler", "num_steps": 25, "guidance_scale": 1.5, "negative_prompt": ""}
-    )
+    # kind: text | jsonl | csv | parquet | tfds; the other keys: PromptSource (instaflow_jax/data/prompts.py)
+    config.data.prompts = ConfigDict(dataclasses.asdict(PromptSource()))
+    # For targets computed online (distillation without stored X1); keys: train.config.TeacherConfig.
+    config.teacher = ConfigDict(dataclasses.asdict(TeacherConfig()))
     config.height = config.width = 512
     config.batch_size = 64
     config.grad_accum = 1
@@ -84,7 +78,7 @@ def get_config(variant: str = "") -> ConfigDict:
     )
 
     if variant == "stage2":
-        config.batch_size, config.num_steps = 1024, 25_000
+        config.batch_size, config.num_steps, config.grad_accum = 1024, 25_000, 16
     elif variant == "tiny":
         config.init_from = "tiny-random"
         config.data.path = "/tmp/instaflow-jax/triplets_tiny"

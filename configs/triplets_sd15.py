@@ -8,9 +8,12 @@ Variants (``--config configs/triplets_sd15.py:VARIANT``):
 Override any key on the command line, e.g. ``--config.output_dir=gs://bucket/triplets``.
 """
 
+import dataclasses
 import os
 
 from ml_collections import ConfigDict
+
+from instaflow_jax.data.prompts import PromptSource
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -28,18 +31,9 @@ def get_config(variant: str = "") -> ConfigDict:
             "param_dtype": "float32",
         }
     )
-    config.prompts = ConfigDict(
-        {
-            "kind": "text",  # text | jsonl | csv | parquet | tfds
-            "path": "prompts.txt",
-            "column": "prompt",
-            "name": "coco_captions",
-            "split": "train",
-            "field": "captions/text",
-            "dedupe": True,
-            "limit": 0,
-        }
-    )
+    # kind: text | jsonl | csv | parquet | tfds; the other keys: PromptSource (instaflow_jax/data/prompts.py)
+    config.prompts = ConfigDict(dataclasses.asdict(PromptSource()))
+    config.prompts.path = "prompts.txt"
     config.output_dir = "triplets/sd15"
     config.height = 512
     config.width = 512

@@ -78,7 +78,7 @@ def test_missing_weights_are_named_and_never_downloaded(tmp_path, monkeypatch):
     import huggingface_hub.constants as hub_constants
 
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    with pytest.raises(FileNotFoundError, match=r"vgg16_weights.h5.*lpips_lin.h5.*huggingface-cli download"):
+    with pytest.raises(FileNotFoundError, match=r"vgg16_weights.h5.*lpips_lin.h5.*hf download"):
         resolve_weights(str(tmp_path))
     write_random_lpips_weights(str(tmp_path / "w"))
     (tmp_path / "w" / "lpips_lin.h5").unlink()

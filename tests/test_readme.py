@@ -18,7 +18,7 @@ COVERAGE = {
         "test_toy.py::test_toy_command_line",
     ],
     'pip install -e ".[test]"': ["CI: .ci/run runs this command verbatim"],
-    "huggingface-cli download": [
+    "hf download": [
         "NETWORK: downloads cannot run offline; the folders they make are the "
         "diffusers layout that test_loading.py and test_models_parity.py load"
     ],
@@ -35,7 +35,6 @@ COVERAGE = {
     ],
     "python -m instaflow_jax.generate_triplets --config configs/triplets_sd15.py:2rf": [
         "test_configs.py::test_triplet_configs",
-        "test_training.py::triplets",
     ],
     "python -m instaflow_jax.train --config configs/reflow_sd15.py": [
         "test_training.py::test_reflow_learns",
@@ -97,6 +96,7 @@ def test_the_named_tests_exist():
             if "::" not in place:
                 continue
             module, name = place.split("::")
+            assert name.startswith("test_"), f"{place} is not a test"
             with open(os.path.join(ROOT, "tests", module), encoding="utf-8") as f:
                 source = f.read()
             assert re.search(rf"def {re.escape(name)}\(", source), place
@@ -106,3 +106,24 @@ def test_the_ci_script_runs_the_readme_test_command():
     with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
         script = f.read()
     assert "<!-- test-command -->" in script and 'eval "$test_command"' in script
+
+
+def test_download_commands_parse_with_the_installed_hf_cli():
+    """The README's download lines use the `hf` CLI that huggingface_hub installs, one pattern per
+    ``--exclude`` (a second bare pattern would be taken as a file name); checked offline."""
+    import shlex
+    import shutil
+    import subprocess
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.startswith("hf download")]
+    assert len(lines) == 2
+    for line in lines:
+        words = shlex.split(line)
+        for i, word in enumerate(words):
+            if word == "--exclude":
+                assert i + 2 >= len(words) or words[i + 2].startswith("--"), line
+    hf = shutil.which("hf")
+    assert hf, "huggingface_hub's `hf` command is not installed"
+    usage = subprocess.run([hf, "download", "--help"], capture_output=True, text=True, timeout=60).stdout
+    assert "--exclude" in usage and "--local-dir" in usage

@@ -185,7 +185,10 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_pipeline_dir, tmp_path):
         "objective": "teacher_pretrain",
         "data": {"kind": "images", "images": "test_nan", "num_images": 8},
     }
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss nan at step 1.*lower the learning rate"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"non-finite loss nan or gradient norm \S+ at step 1.*lower the learning rate",
+    ):
         train_and_evaluate(config(tiny_pipeline_dir, num_steps=3, **overrides), str(tmp_path))
 
 

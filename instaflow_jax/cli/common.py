@@ -113,12 +113,17 @@ def sampling_kwargs(args: argparse.Namespace, height: int, width: int) -> dict[s
 
 
 def run_absl(main: Callable[[list[str]], None]) -> None:
-    """``absl.app.run`` whose flag errors (an unknown ``--config.key``) become one ``error:`` line."""
+    """``absl.app.run`` whose flag errors (an unknown ``--config.key``) become one ``error:`` line.
+
+    Only flag parsing is guarded: errors raised by ``main`` itself keep their traceback."""
     from absl import app
 
-    try:
-        app.run(main)
-    except (AttributeError, KeyError) as err:  # ml_collections' override errors, raised while parsing
-        message = str(err).strip("'\"").replace("\\n", " ").replace('\\"', '"').replace("\\'", "'")
-        print(f"error: unknown or invalid config override: {message}", file=sys.stderr)
-        sys.exit(2)
+    def parse_flags(argv: list[str]) -> list[str]:
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError) as err:  # ml_collections' override errors
+            message = str(err).strip("'\"").replace("\\n", " ").replace('\\"', '"').replace("\\'", "'")
+            print(f"error: unknown or invalid config override: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(main, flags_parser=parse_flags)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -89,7 +90,8 @@ def write_shard(
 
 def write_json(path: epath.Path, data: Any) -> None:
     """Write JSON via a temporary file and a rename (never half-visible)."""
-    tmp = path.parent / (path.name + ".tmp")
+    # A name of its own per writer: processes of a multi-host job may write the same file at once.
+    tmp = path.parent / f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
     tmp.replace(path)
 

@@ -33,6 +33,7 @@ from instaflow_jax.examples.toy_eval import evaluate
 from instaflow_jax.examples.toy_models import make_toy_pipeline
 from instaflow_jax.generate_triplets import generate_triplets
 from instaflow_jax.images import make_grid, save_png
+from instaflow_jax.train.metrics import read_metrics
 from instaflow_jax.train.trainer import train_and_evaluate
 
 STAGES = (
@@ -80,8 +81,12 @@ def _train(cfg: Any, workdir: str, name: str, stage: Any, **job: Any) -> dict[st
         **job,
     }
     result = train_and_evaluate(config, _path(workdir, name))
-    last = max(result.losses)
-    return {"export": result.export_dir, "final_loss": result.losses[last], "steps": last}
+    # A run resumed after its last checkpoint trains no step now: take the loss from its log.
+    losses = result.losses or {
+        r["step"]: r["loss"] for r in read_metrics(_path(workdir, name, "metrics.jsonl"))
+    }
+    last = max(losses)
+    return {"export": result.export_dir, "final_loss": losses[last], "steps": last}
 
 
 def _triplets(
@@ -244,7 +249,7 @@ def check_claims(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """
     fid = {(r["model"], r["steps"]): r["fid"] for r in results["rows"]}
     flows = results["flows"]
-    steps = sorted(s for m, s in fid if m == "2rf")
+    steps = sorted({s for m, s in fid if m == "2rf"} & {s for m, s in fid if m == "teacher"})
     few, many = steps[0], steps[-1]
     claims = {
         "reflow lowers straightness S": (flows["2rf"]["straightness"], flows["teacher"]["straightness"]),
@@ -333,7 +338,9 @@ def use_every_core() -> None:
     Only the host platform is affected, and only when XLA_FLAGS does not already say."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
-        count = max(1, min(os.cpu_count() or 1, 8))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        # A power of two (≤ 8) so that every stage's batch size divides over the devices.
+        count = 1 << (min(cores, 8).bit_length() - 1)
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 

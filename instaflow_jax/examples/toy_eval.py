@@ -40,7 +40,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FID between Gaussians fitted to feature sets ``a`` [N, D] and ``b`` [M, D]."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
+    root = scipy.linalg.sqrtm(cov_a @ cov_b)
+    if not np.all(np.isfinite(root)):  # singular covariances (fewer samples than dimensions)
+        eye = 1e-6 * np.eye(cov_a.shape[0])
+        root = scipy.linalg.sqrtm((cov_a + eye) @ (cov_b + eye))
     root = root.real
     return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * root))
 
@@ -55,7 +58,7 @@ def generate_all(
     pipe: Any, prompts: list[str], noise: np.ndarray, chunk: int = 128, **kwargs: Any
 ) -> np.ndarray:
     """Images for all prompts in fixed-size chunks (the last one padded), so one compile serves all."""
-    out = []
+    out, chunk = [], min(chunk, len(prompts))
     for start in range(0, len(prompts), chunk):
         part, latents = prompts[start : start + chunk], noise[start : start + chunk]
         pad = chunk - len(part)

@@ -53,8 +53,7 @@ class TeacherConfig:
     model: str = ""  # pipeline folder; "" = take X1 from the triplet data
     solver: str = "euler"  # euler (2-RF) | dpmpp2m (SD, direct distillation)
     num_steps: int = 25
-    guidance_scale: float = 1.5
-    negative_prompt: str = ""
+    guidance_scale: float = 1.5  # CFG against the empty prompt (negative prompts: stored triplets)
 
 
 @dataclasses.dataclass(frozen=True)

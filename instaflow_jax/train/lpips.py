@@ -44,7 +44,7 @@ def resolve_weights(weights_dir: str | None = None) -> dict[str, str]:
         where = f"{weights_dir} nor " if weights_dir else ""
         raise FileNotFoundError(
             f"LPIPS weights {missing} were found neither in {where}the Hugging Face cache. Fetch them "
-            f"where there is network: `huggingface-cli download {HUB_REPO} {VGG_FILE} {LIN_FILE} "
+            f"where there is network: `hf download {HUB_REPO} {VGG_FILE} {LIN_FILE} "
             "--local-dir DIR` and set the LPIPS weights directory to DIR (config: lpips_weights_dir)."
         )
     return paths

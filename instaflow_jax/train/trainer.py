@@ -252,6 +252,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
             losses[done] = values["loss"]
             writer.write(done, values)
             progress.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
+        if done == cfg.num_steps or (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0):
+            _check_finite(step, metrics, checkpointer)  # never checkpoint a non-finite update
         checkpointer.save(done, state, plain_config, force=done == cfg.num_steps)
         if sample is not None and (done % cfg.sample.every == 0 or done == cfg.num_steps):
             grid = make_grid(sample(state.ema_params, frozen))
@@ -284,12 +286,12 @@ def local_value(x: Any) -> float:
 
 
 def _check_finite(step: int, metrics: Any, checkpointer: Checkpointer) -> None:
-    loss = local_value(metrics["loss"])
-    if not math.isfinite(loss):
+    loss, grad_norm = local_value(metrics["loss"]), local_value(metrics["grad_norm"])
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         checkpointer.wait()
         last = checkpointer.latest_step()
         raise NonFiniteLossError(
-            f"non-finite loss {loss} at step {step + 1} (grad_norm {local_value(metrics['grad_norm'])}). "
+            f"non-finite loss {loss} or gradient norm {grad_norm} at step {step + 1}. "
             f"The last checkpoint is step {last}; lower the learning rate or check the data, then resume."
         )
 

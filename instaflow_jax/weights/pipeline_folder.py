@@ -46,8 +46,8 @@ def resolve_folder(path: str) -> str:
         except Exception as err:  # not cached, or huggingface_hub missing
             raise FileNotFoundError(
                 f"{path!r} is neither a local folder nor a cached Hugging Face repo ({type(err).__name__}). "
-                f"Download it first, e.g. `huggingface-cli download {path} --local-dir DIR "
-                "--exclude '*.bin' '*.ckpt'`, then pass DIR."
+                f"Download it first, e.g. `hf download {path} --local-dir DIR "
+                "--exclude '*.bin' --exclude '*.ckpt'`, then pass DIR."
             ) from err
     raise FileNotFoundError(
         f"{path}: no such folder. Expected a diffusers SD 1.x pipeline folder containing "
