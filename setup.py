@@ -40,7 +40,13 @@ EXTRAS = {
         "torch==2.13.0",
         "diffusers>=0.35",
         "transformers>=4.40",
+        "peft>=0.17",  # diffusers' load_lora_weights (LoRA parity tests)
+        "opencv-python-headless>=4.8",  # cv2.Canny, the reference of the canny edge helper
+        "gradio>=6,<7",  # the web demo; its browser test drives Debian's chromium with Selenium
+        "selenium>=4.20",
     ],
+    # instaflow-demo, the local web page
+    "demo": ["gradio>=6,<7"],
     "gpu": ["jax[cuda12]"],
     "tpu": ["jax[tpu]"],
 }
@@ -59,6 +65,8 @@ setup(
         "console_scripts": [
             "instaflow-generate=instaflow_jax.cli.generate:main",
             "instaflow-interpolate=instaflow_jax.cli.interpolate:main",
+            "instaflow-transfer=instaflow_jax.cli.transfer:main",
+            "instaflow-demo=instaflow_jax.cli.demo:main",
             "instaflow-generate-triplets=instaflow_jax.generate_triplets:run",
             "instaflow-train=instaflow_jax.train.__main__:run",
             "instaflow-toy=instaflow_jax.examples.toy:run",

@@ -6,6 +6,9 @@ transformers eager on the same weights and device. Example (GPU):
 
     python benchmarks/bench_generate.py --batches 1 8 64 --dtype bfloat16 --torch-dtype float16
 
+``--attention`` picks the JAX attention implementation (``instaflow_jax.models.attention``;
+default ``auto``).
+
 Speed does not depend on the weights' values, so no checkpoint is needed.
 """
 
@@ -132,15 +135,17 @@ def main() -> None:
     parser.add_argument("--torch-dtype", default=None, help="default: float16 on CUDA, bfloat16 on CPU.")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--attention", default="auto", help="JAX attention implementation.")
     args = parser.parse_args()
 
     dtype = parse_dtype(args.dtype)
-    modules = {k: MODULES[k](CONFIGS[k], dtype=dtype) for k in MODULES}
+    modules = {k: MODULES[k](CONFIGS[k], dtype=dtype, attention_impl=args.attention) for k in MODULES}
     params = {k: random_params(modules[k], k, seed=i) for i, k in enumerate(modules)}
     device_params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
     side = args.resolution // 8
     device = jax.devices()[0].device_kind
-    print(f"# jax {jax.__version__} on {device}; {args.resolution}², one step, {args.dtype}")
+    setting = f"{args.resolution}², one step, {args.dtype}, attention {args.attention}"
+    print(f"# jax {jax.__version__} on {device}; {setting}")
     for batch in args.batches:
         rows = jax_rows(device_params, modules, batch, side, args.iters)
         torch_dtype = None

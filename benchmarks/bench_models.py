@@ -5,7 +5,10 @@ line per (network, dtype, framework) and the PyTorch/JAX time ratio. Example:
 
     python benchmarks/bench_models.py --resolution 512 --batch 1 --dtypes float32 bfloat16 --iters 3
 
-Needs the ``test`` extra (torch, diffusers). Use ``--skip-torch`` for JAX alone.
+``--attention xla blockwise`` times the JAX networks once per attention implementation
+(``instaflow_jax.models.attention``; default ``auto``). The JAX variants and PyTorch alternate
+round by round, so a machine shared with other work slows them alike. Needs the ``test`` extra
+(torch, diffusers). Use ``--skip-torch`` for JAX alone.
 """
 
 from __future__ import annotations
@@ -25,30 +28,34 @@ from instaflow_jax.testing import random_params
 from instaflow_jax.weights.convert import flatten, flax_to_torch
 
 
-def time_call(fn, iters: int) -> tuple[float, float]:
-    """(first call seconds, median of ``iters`` further calls)."""
+def timed(fn) -> float:
     start = time.perf_counter()
     fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return first, float(np.median(times))
+    return time.perf_counter() - start
 
 
-def bench_jax(net: str, module, params, inputs, dtype, iters: int) -> tuple[float, float]:
+def interleaved(calls: dict, rounds: int) -> tuple[dict, dict]:
+    """(first-call seconds, per-round seconds) of each call, the calls alternating round by round
+    so that a machine shared with other work slows every framework alike."""
+    first = {name: timed(call) for name, call in calls.items()}
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(timed(call))
+    return first, times
+
+
+def jax_call(net: str, module, params, inputs, dtype):
     params = jax.tree.map(lambda x: jnp.asarray(x, parse_dtype(dtype)), params)
     if net == "unet":
         fn = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c))
     else:
         fn = jax.jit(functools.partial(module.apply, method="decode"))
         fn = functools.partial(lambda f, p, z: f({"params": p}, z), fn)
-    return time_call(lambda: jax.block_until_ready(fn(params, *inputs)), iters)
+    return lambda: jax.block_until_ready(fn(params, *inputs))
 
 
-def bench_torch(net: str, params, inputs, dtype: str, iters: int) -> tuple[float, float]:
+def torch_call(net: str, params, inputs, dtype: str):
     import torch
     from diffusers import AutoencoderKL as TorchVAE
     from diffusers import UNet2DConditionModel as TorchUNet
@@ -64,12 +71,16 @@ def bench_torch(net: str, params, inputs, dtype: str, iters: int) -> tuple[float
     if net == "unet":
         x, t, c = inputs
         args = (to_nchw(x), torch.from_numpy(np.asarray(t)), torch.from_numpy(np.asarray(c)).to(torch_dtype))
-        call = lambda: model(*args).sample
+        forward = lambda: model(*args).sample
     else:
         z = to_nchw(inputs[0])
-        call = lambda: model.decode(z).sample
-    with torch.inference_mode():
-        return time_call(call, iters)
+        forward = lambda: model.decode(z).sample
+
+    def call():
+        with torch.inference_mode():
+            forward()
+
+    return call
 
 
 CONFIGS = {"unet": UNetConfig(), "vae": VAEConfig()}  # SD 1.5 sizes
@@ -88,14 +99,16 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--nets", nargs="+", default=["unet", "vae"], choices=["unet", "vae"])
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--attention", nargs="+", default=["auto"], help="JAX attention implementations.")
     args = parser.parse_args()
 
     side = args.resolution // 8
     rng = np.random.default_rng(0)
     device = jax.devices()[0]
     print(f"# device: {device.device_kind} ({jax.default_backend()}), host: {platform.processor()}")
-    print(f"# jax {jax.__version__}; {args.resolution}², batch {args.batch}; median of {args.iters}")
-    print(f"{'net':5} {'dtype':9} {'framework':9} {'first call s':>12} {'median s':>9} {'torch/jax':>9}")
+    print(f"# jax {jax.__version__}; {args.resolution}², batch {args.batch}; median of {args.iters} rounds")
+    print("# each round runs every JAX variant and PyTorch once; torch/jax = median of per-round ratios")
+    print(f"{'net':5} {'dtype':9} {'framework':15} {'first call s':>12} {'median s':>9} {'torch/jax':>9}")
     for net in args.nets:
         if net == "unet":
             module = UNet2DConditionModel(UNetConfig())
@@ -109,13 +122,18 @@ def main() -> None:
             inputs = (rng.standard_normal((args.batch, side, side, 4)).astype(np.float32),)
         params = random_params(module, net, seed=0)
         for dtype in args.dtypes:
-            typed = module.clone(dtype=parse_dtype(dtype))
-            first, median = bench_jax(net, typed, params, inputs, dtype, args.iters)
-            print(f"{net:5} {dtype:9} {'jax':9} {first:12.3f} {median:9.3f}", flush=True)
+            calls = {}
+            for impl in args.attention:
+                typed = module.clone(dtype=parse_dtype(dtype), attention_impl=impl)
+                calls[f"jax {impl}"] = jax_call(net, typed, params, inputs, dtype)
             if not args.skip_torch:
-                t_first, t_median = bench_torch(net, params, inputs, dtype, args.iters)
-                ratio = t_median / median
-                row = f"{net:5} {dtype:9} {'torch':9} {t_first:12.3f} {t_median:9.3f} {ratio:9.2f}"
+                calls["torch"] = torch_call(net, params, inputs, dtype)
+            first, times = interleaved(calls, args.iters)
+            for name, ts in times.items():
+                ratio = ""
+                if name != "torch" and "torch" in times:
+                    ratio = f"{np.median(np.array(times['torch']) / np.array(ts)):9.2f}"
+                row = f"{net:5} {dtype:9} {name:15} {first[name]:12.3f} {np.median(ts):9.3f} {ratio}"
                 print(row, flush=True)
 
 

@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--attention", default="auto", help="attention implementation (models/attention.py)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument(
         "--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: by name)"
@@ -43,8 +44,10 @@ def main() -> None:
 
     dtype = parse_dtype(args.dtype)
     modules = {
-        "unet": UNet2DConditionModel(UNetConfig(), dtype=dtype, remat=args.remat),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(), dtype=dtype),
+        "unet": UNet2DConditionModel(
+            UNetConfig(), dtype=dtype, remat=args.remat, attention_impl=args.attention
+        ),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(), dtype=dtype, attention_impl=args.attention),
     }
     unet_params = random_params(modules["unet"], "unet", 0)
     frozen = {
@@ -94,7 +97,7 @@ def main() -> None:
     achieved = model_flops / seconds / 1e12
     mfu = f", MFU {achieved / peak:.1%} of {peak:.0f}" if peak else " (give --peak-tflops for MFU)"
     print(f"# {device}, jax {jax.__version__}, {args.dtype}, {args.resolution}², batch {args.batch}")
-    print(f"remat {args.remat}; compile {compile_s:.1f} s; step {seconds:.3f} s (median of {args.steps})")
+    print(f"remat {args.remat}, attention {args.attention}; compile {compile_s:.1f} s; step {seconds:.3f} s")
     print(
         f"{rate:.3f} samples/s; model FLOPs/step {model_flops / 1e12:.2f} T (XLA: {xla_flops / 1e12:.2f} T)"
     )

@@ -1,4 +1,4 @@
-"""One-step distillation: 2-Rectified Flow → InstaFlow (method.md §4.3), and the direct baseline.
+"""One-step distillation: 2-Rectified Flow → InstaFlow (docs/method.md §4.3), and the direct baseline.
 
 Variants (``--config configs/distill_sd15.py:VARIANT``):
   (none)       stage 1, L2 on latents: batch 1024, 21.5k steps, student from 2-RF, targets from

@@ -1,4 +1,4 @@
-"""Text-conditioned reflow: SD 1.5 → 2-Rectified Flow (method.md §4.2).
+"""Text-conditioned reflow: SD 1.5 → 2-Rectified Flow (docs/method.md §4.2).
 
 Variants (``--config configs/reflow_sd15.py:VARIANT``):
   (none)  stage 1 of the paper: batch 64, 70k steps, AdamW lr 1e-6, EMA 0.9999, bf16, 512²;
@@ -52,6 +52,7 @@ def get_config(variant: str = "") -> ConfigDict:
     config.lpips_resize = 224
     config.dtype, config.param_dtype = "bfloat16", "float32"
     config.remat = False
+    config.attention = "auto"  # auto | xla | blockwise | cudnn | pallas_tpu (models/attention.py)
     config.fsdp = False
     config.seed = 0
     config.log_every = 50

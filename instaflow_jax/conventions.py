@@ -1,4 +1,4 @@
-"""The InstaFlow conventions (see method.md §1–2): time, UNet timestep, latent scale, layouts.
+"""The InstaFlow conventions (see docs/method.md §1–2): time, UNet timestep, latent scale, layouts.
 
 Every other module imports these instead of re-deriving them.
 

@@ -8,12 +8,19 @@ Sample ``i`` pairs prompt ``i`` with noise ``fold_in(key(seed), i)``; shard ``k`
 devices in groups of ``per_device_batch`` consecutive samples. Hence the dataset does not depend
 on the number of devices or hosts, and a killed job re-run with the same command skips finished
 shards (verified by checksum), rebuilds the rest and ends with exactly the same dataset.
+
+The output folder is proven writable before any work. A teacher output holding NaN/inf stops the
+job with its shard, batch, sample indices, prompts and the likely cause, before anything of that
+shard is written: ``Pipeline.generate`` flags non-finite samples on device (fetched with the
+output, no extra synchronisation), and the stored cast (float16 may overflow) is checked on the
+host copy the job already holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import jax
@@ -24,21 +31,34 @@ from tqdm import tqdm
 from instaflow_jax.config_utils import from_dict
 from instaflow_jax.conventions import latent_shape, nchw_to_nhwc, nhwc_to_nchw
 from instaflow_jax.data.prompts import PromptSource, load_prompts, prompts_digest
-from instaflow_jax.data.shards import ShardError, shard_name, verify_shard, write_json, write_shard
+from instaflow_jax.data.shards import (
+    ShardError,
+    read_sidecar,
+    shard_name,
+    verify_shard,
+    write_json,
+    write_shard,
+)
 from instaflow_jax.data.triplets import (
     FORMAT,
     VERSION,
     ShardPlan,
-    list_complete_shards,
     manifest_differences,
     manifest_path,
     read_manifest,
 )
-from instaflow_jax.parallel import make_mesh
+from instaflow_jax.files import ensure_writable_folder
+from instaflow_jax.generation import NonFiniteOutputError
+from instaflow_jax.parallel import initialize_distributed, make_mesh
 from instaflow_jax.precision import dtype_name, parse_dtype
 from instaflow_jax.sampling.noise import noise_for_indices
 
 log = logging.getLogger(__name__)
+STALE_TMP_S = 3600.0  # a temporary file this old belongs to a dead writer
+
+
+class NonFiniteTeacherError(ValueError):
+    """The teacher returned NaN or ±inf latents: the job stops before writing them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +131,14 @@ def build_manifest(job: TripletJob, pipe: Any, prompts: list[str], shape: tuple[
 def ensure_manifest(folder: epath.Path, manifest: dict[str, Any]) -> None:
     """Write the manifest, or check that an existing one describes the same job."""
     if manifest_path(folder).exists():
-        differences = manifest_differences(read_manifest(folder), manifest)
+        existing = read_manifest(folder)
+        if existing["version"] != manifest["version"]:
+            raise ValueError(
+                f"{folder} holds triplets of format v{existing['version']}, written by an older "
+                f"instaflow-jax; this one writes v{manifest['version']} (checksummed sidecars). Finish "
+                "that dataset with the version that started it, or use a new output_dir."
+            )
+        differences = manifest_differences(existing, manifest)
         if differences:
             raise ValueError(
                 f"{folder} already holds triplets made differently: "
@@ -123,19 +150,74 @@ def ensure_manifest(folder: epath.Path, manifest: dict[str, Any]) -> None:
 
 
 def pending_shards(folder: epath.Path, mine: list[int]) -> list[int]:
-    """Shards of ``mine`` still to write; finished ones failing their checksum are rebuilt."""
-    complete = list_complete_shards(folder)
+    """Shards of ``mine`` still to write; finished ones whose sidecar or file fails a check are
+    rebuilt, and their writers' stale temporary files removed."""
     todo = []
     for shard in mine:
-        if shard in complete:
+        sidecar_path = folder / f"{shard_name(shard)}.json"
+        if sidecar_path.exists():
             try:
-                verify_shard(folder, complete[shard])
+                verify_shard(folder, read_sidecar(sidecar_path))
                 continue
             except ShardError as err:
                 log.warning("rebuilding %s: %s", shard_name(shard), err)
-                (folder / f"{shard_name(shard)}.json").unlink()
+                sidecar_path.unlink()
         todo.append(shard)
+        _remove_stale_temporaries(folder, shard)
     return todo
+
+
+def _remove_stale_temporaries(folder: epath.Path, shard: int) -> None:
+    """Delete ``shard-K.*.tmp`` left by killed writers (older than ``STALE_TMP_S``; a live writer's
+    temporary file is seconds old). Files whose age is unknown (mtime 0) are kept."""
+    now = time.time()
+    for path in epath.Path(folder).glob(f"{shard_name(shard)}.*.tmp"):
+        try:
+            mtime = path.stat().mtime
+            if mtime and now - mtime > STALE_TMP_S:
+                path.unlink()
+        except (OSError, RuntimeError):  # removed or renamed by its writer first; odd bucket metadata
+            pass
+
+
+def check_finite(
+    x1: np.ndarray,
+    stored: np.ndarray,
+    chunk: np.ndarray,
+    shard: int,
+    prompts: list[str],
+    teacher: TeacherConfig,
+) -> None:
+    """Stop with a clear error if a sample's latents ``x1`` [k, h, w, C] (float32, as returned) or
+    their stored cast ``stored`` hold NaN or ±inf; ``chunk`` holds the k global sample indices."""
+    finite = np.isfinite(x1.reshape(len(chunk), -1)).all(axis=1)
+    stored_finite = np.isfinite(stored.reshape(len(chunk), -1)).all(axis=1)
+    if finite.all() and stored_finite.all():
+        return
+    if finite.all():
+        bad = chunk[~stored_finite]
+        cause = (
+            f"the teacher's latents are finite but overflow latent_dtype={stored.dtype} when stored; "
+            "use latent_dtype='float32'"
+        )
+    else:
+        bad = chunk[~finite]
+        cause = (
+            "every sample of the batch is non-finite, so the teacher itself is broken: NaN/inf in its "
+            "weights (check the model folder), a guidance scale or step count its solver cannot "
+            f"handle (guidance {teacher.guidance_scale}, {teacher.num_steps} {teacher.solver} steps), "
+            f"or overflow in teacher.dtype={teacher.dtype} (try float32)"
+            if not finite.any()
+            else f"the teacher diverges on these prompts (overflow in teacher.dtype={teacher.dtype}? "
+            "try float32), or NaN/inf in its weights"
+        )
+    shown = ", ".join(repr(prompts[i]) for i in bad[:3]) + (" …" if len(bad) > 3 else "")
+    raise NonFiniteTeacherError(
+        f"non-finite (NaN/inf) teacher output for {len(bad)} of {len(chunk)} samples of the batch "
+        f"{int(chunk[0])}–{int(chunk[-1])} of {shard_name(shard)}: sample indices "
+        f"{bad[:10].tolist()}{' …' if len(bad) > 10 else ''}, prompts {shown}. Likely cause: {cause}. "
+        "Nothing of this shard was written; finished shards are kept."
+    )
 
 
 def generate_triplets(
@@ -150,7 +232,8 @@ def generate_triplets(
 
     job = TripletJob.from_config(config)
     if job.distributed:
-        jax.distributed.initialize()
+        initialize_distributed()  # auto-detected (TPU pods, SLURM); generous start-up timeout
+    folder = ensure_writable_folder(job.output_dir, "output_dir")  # before any work
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     prompts = load_prompts(job.prompts)
@@ -160,8 +243,6 @@ def generate_triplets(
         resolve_model(teacher.model), dtype=teacher.dtype, param_dtype=teacher.param_dtype, mesh=mesh
     )
     shape = latent_shape(1, job.height, job.width, pipe.latent_channels, pipe.vae_scale_factor)[1:]
-    folder = epath.Path(job.output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     ensure_manifest(folder, build_manifest(job, pipe, prompts, shape))
 
     plan = ShardPlan(len(prompts), job.shard_size)
@@ -169,6 +250,7 @@ def generate_triplets(
     group = job.per_device_batch * mesh.size
     total = sum(len(plan.indices(k)) for k in todo)
     progress = tqdm(total=total, unit="sample", desc=f"triplets (process {process_index}/{process_count})")
+    latent_dtype = parse_dtype(job.latent_dtype)
     for shard in todo:
         indices = plan.indices(shard)
         x1, x0 = [], []
@@ -176,16 +258,28 @@ def generate_triplets(
             chunk = indices[start : start + group]
             padded = np.concatenate([chunk, np.full(group - len(chunk), chunk[-1])])  # same groups always
             noise = np.asarray(noise_for_indices(job.seed, padded, shape))
-            latents = pipe.generate(
-                [prompts[i] for i in padded], num_steps=teacher.num_steps,
-                guidance_scale=teacher.guidance_scale, negative_prompt=teacher.negative_prompt,
-                latents=nhwc_to_nchw(noise), height=job.height, width=job.width,
-                solver=teacher.solver, output_type="latent",
-            )  # fmt: skip
-            x1.append(nchw_to_nhwc(latents)[: len(chunk)])
+            try:  # the pipeline checks finiteness on device (per-sample flags fetched with the output)
+                latents = pipe.generate(
+                    [prompts[i] for i in padded], num_steps=teacher.num_steps,
+                    guidance_scale=teacher.guidance_scale, negative_prompt=teacher.negative_prompt,
+                    latents=nhwc_to_nchw(noise), height=job.height, width=job.width,
+                    solver=teacher.solver, output_type="latent",
+                )  # fmt: skip
+            except NonFiniteOutputError as err:
+                raise NonFiniteTeacherError(
+                    f"non-finite (NaN/inf) teacher output in the batch of samples {int(chunk[0])}–"
+                    f"{int(chunk[-1])} of {shard_name(shard)} (batch position i is dataset sample "
+                    f"{int(chunk[0])} + i): {err} Nothing of this shard was written; finished shards "
+                    "are kept."
+                ) from err
+            x1_batch = nchw_to_nhwc(latents)[: len(chunk)]  # on the host already: checks cost no sync
+            with np.errstate(over="ignore"):  # an overflow is reported by check_finite
+                stored = x1_batch.astype(latent_dtype)
+            check_finite(x1_batch, stored, chunk, shard, prompts, teacher)
+            x1.append(stored)
             x0.append(noise[: len(chunk)])
             progress.update(len(chunk))
-        arrays = {"x1": np.concatenate(x1).astype(parse_dtype(job.latent_dtype))}
+        arrays = {"x1": np.concatenate(x1)}
         if job.store_x0:
             arrays["x0"] = np.concatenate(x0).astype(np.float32)
         write_shard(folder, shard, arrays, indices, [prompts[i] for i in indices])

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from instaflow_jax.files import atomic_open
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """float [..., H, W, 3] in [0, 1] → uint8 (rounded, clipped)."""
@@ -29,9 +31,11 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> n
 
 
 def save_png(path: str, image: np.ndarray) -> str:
-    """Write one [H, W, 3] float image in [0, 1] as PNG (parent folders are created)."""
+    """Write one [H, W, 3] float image in [0, 1] as PNG (parent folders are created; atomic)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(to_uint8(image)).save(path)
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+    with atomic_open(path) as f:  # the format comes from the name, as PIL's own save does
+        Image.fromarray(to_uint8(image)).save(f, format=image_format)
     return path
 
 
@@ -39,5 +43,8 @@ def save_gif(path: str, frames: Sequence[np.ndarray], duration_ms: int = 100) ->
     """Write float frames [H, W, 3] in [0, 1] as a looping animated GIF."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     pictures = [Image.fromarray(to_uint8(frame)) for frame in frames]
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0)
+    with atomic_open(path) as f:
+        pictures[0].save(
+            f, format="GIF", save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0
+        )
     return path

@@ -7,6 +7,7 @@ axis, parameters are replicated. The same code runs on 1 CPU, 8 GPUs or a pod sl
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,24 +66,63 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     return chosen
 
 
+DEFAULT_INITIALIZATION_TIMEOUT_S = 900
+DEFAULT_BARRIER_TIMEOUT_S = 1800
+
+
 def initialize_distributed(
     coordinator_address: str = "",
     num_processes: int = 0,
     process_id: int = -1,
     cpu_collectives: str = "gloo",
+    initialization_timeout_s: int = DEFAULT_INITIALIZATION_TIMEOUT_S,
 ) -> None:
     """``jax.distributed.initialize``: explicit arguments, or auto-detection (TPU pods, SLURM, …)
-    when they are left empty. On CPU, cross-process collectives need ``gloo``."""
+    when they are left empty. On CPU, cross-process collectives need ``gloo``.
+
+    ``initialization_timeout_s`` is how long a process waits for all the others to connect to the
+    coordinator (hosts of a pod or cluster rarely start within seconds of each other).
+    """
     if cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"initialization_timeout": int(initialization_timeout_s)}
     if coordinator_address:
-        kwargs = {
-            "coordinator_address": coordinator_address,
-            "num_processes": num_processes,
-            "process_id": process_id,
-        }
+        kwargs.update(
+            coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        )
     jax.distributed.initialize(**kwargs)
+
+
+class ProcessBarrierTimeout(TimeoutError):
+    """Some process did not reach a start-up barrier in time."""
+
+
+def barrier(name: str, timeout_s: float = DEFAULT_BARRIER_TIMEOUT_S) -> None:
+    """Wait until every process reaches the barrier ``name`` (a no-op with one process).
+
+    Uses the distributed runtime's key-value service, not a device collective, so processes may
+    arrive minutes apart (a slow compile, slow storage, a cold compilation cache on one host).
+    Call it right before the first collective of a phase: CPU collectives (gloo) give up when
+    the processes arrive more than ~30 s apart, and GPU/TPU collectives can hang silently.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:  # pragma: no cover - process_count > 1 implies a client
+        return
+    start = time.monotonic()
+    try:
+        client.wait_at_barrier(f"instaflow_jax:{name}", int(timeout_s * 1000))
+    except Exception as err:  # the runtime raises a generic XlaRuntimeError on timeout
+        waited = time.monotonic() - start
+        raise ProcessBarrierTimeout(
+            f"process {jax.process_index()} of {jax.process_count()} waited {waited:.0f} s at the "
+            f"'{name}' barrier and some process never arrived (crashed, or slower than the "
+            f"{timeout_s:.0f} s timeout: slow compile, storage or cold cache). Check the other "
+            f"processes' logs; raise distributed.barrier_timeout_s if a host is just slow. ({err})"
+        ) from err
 
 
 def fsdp_spec(shape: tuple[int, ...], mesh: Mesh, min_size: int = 2**16) -> PartitionSpec:

@@ -7,6 +7,7 @@ need and offers conveniences on top of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -15,8 +16,15 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from instaflow_jax.controlnet import ControlNet, control_inputs
 from instaflow_jax.conventions import latent_shape, nchw_to_nhwc, nhwc_to_nchw
-from instaflow_jax.generation import SamplerSpec, make_generate_fn
+from instaflow_jax.generation import (
+    NonFiniteOutputError,
+    SamplerSpec,
+    describe_non_finite,
+    make_generate_fn,
+    with_finite_flags,
+)
 from instaflow_jax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from instaflow_jax.parallel import (
     batch_sharded,
@@ -26,9 +34,10 @@ from instaflow_jax.parallel import (
     padded_size,
     replicated,
 )
-from instaflow_jax.sampling.noise import noise_for_indices
+from instaflow_jax.sampling.noise import MAX_SEED, noise_for_indices
 from instaflow_jax.sampling.velocity import use_cfg
 from instaflow_jax.text import tokenize
+from instaflow_jax.weights.lora import merge_lora
 from instaflow_jax.weights.pipeline_folder import load_pipeline_parts, save_pipeline_parts
 
 
@@ -61,6 +70,7 @@ class Pipeline:
     source: str | None = None
     mesh: Mesh | None = None
     last_timings: Timings = dataclasses.field(default_factory=Timings)
+    lora_skipped: list[str] = dataclasses.field(default_factory=list, repr=False)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +116,9 @@ class Pipeline:
         width: int = 512,
         solver: str = "euler",
         output_type: str = "image",
+        controlnet: ControlNet | Sequence[ControlNet] | None = None,
+        control_image: Any = None,
+        controlnet_scale: float | Sequence[float] = 1.0,
     ) -> np.ndarray:
         """Text → images with the pipeline's UNet, compiled end to end.
 
@@ -122,11 +135,19 @@ class Pipeline:
           solver: ``"euler"`` (rectified flow) or ``"dpmpp2m"`` (SD teacher, ε-prediction).
           output_type: ``"image"`` → float32 [B, H, W, 3] in [0, 1]; ``"latent"`` → model-scale
             latents [B, 4, H/8, W/8] float32 (NCHW, diffusers layout).
+          controlnet: a ControlNet from :func:`instaflow_jax.load_controlnet`, or a list of them
+            (their residuals are summed).
+          control_image: the condition image (one per ControlNet, in a list for several): uint8 or
+            float in [0, 1], [H, W, 3] (used for every prompt) or [B, H, W, 3], NHWC, RGB, of the
+            output size. A new image or scale never recompiles.
+          controlnet_scale: residual scale, one or one per ControlNet.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("prompts is empty; give at least one prompt.")
         batch = len(prompts)
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}.")
         cfg = use_cfg(guidance_scale)
         spec = SamplerSpec(int(num_steps), solver, cfg, output_type)
         shape = latent_shape(batch, height, width, self.latent_channels, self.vae_scale_factor)
@@ -141,14 +162,37 @@ class Pipeline:
             pad_batch(z0, padded),
             np.float32(guidance_scale),
         )
-        compiled, compile_s = self._executable(spec, args)
+        nets: tuple = ()
+        if controlnet is not None:
+            nets, images, scales = control_inputs(
+                controlnet, control_image, controlnet_scale, batch, height, width
+            )
+            control = {
+                "params": tuple(jax.device_put(net.params, replicated(self.mesh)) for net in nets),
+                "images": tuple(pad_batch(image, padded) for image in images),
+                "scales": scales,
+            }
+            args = args + (control,)
+        elif control_image is not None:
+            raise ValueError(
+                "control_image was given without a controlnet; pass controlnet=load_controlnet(...)."
+            )
+        compiled, compile_s = self._executable(spec, args, tuple(net.module for net in nets))
         start = time.perf_counter()
-        out = np.asarray(jax.device_get(compiled(*args)))[:batch]
+        out, finite = jax.device_get(compiled(*args))
+        out = np.asarray(out)[:batch]
         self.last_timings = Timings(compile_s, time.perf_counter() - start, batch)
+        if not np.all(finite[:batch]):
+            bad = np.flatnonzero(~np.asarray(finite[:batch]))
+            raise NonFiniteOutputError(
+                describe_non_finite(bad, prompts, self.params, guidance_scale, spec, self.scheduler_config)
+            )
         return nhwc_to_nchw(out) if output_type == "latent" else out
 
     def _initial_latents(self, latents: np.ndarray | None, shape: tuple[int, ...], seed: int) -> np.ndarray:
         if latents is None:
+            if not 0 <= int(seed) <= MAX_SEED:
+                raise ValueError(f"seed must lie in 0…{MAX_SEED} (a uint32 PRNG seed), got {seed}.")
             return np.asarray(noise_for_indices(seed, np.arange(shape[0]), shape[1:]))
         latents = np.asarray(latents, np.float32)
         expected = (shape[0], shape[3], shape[1], shape[2])
@@ -156,6 +200,9 @@ class Pipeline:
             raise ValueError(
                 f"latents must be NCHW {expected} for {shape[0]} prompt(s) at this size, got {latents.shape}."
             )
+        if not np.all(np.isfinite(latents)):
+            bad = np.flatnonzero(~np.isfinite(latents.reshape(len(latents), -1)).all(axis=1))
+            raise ValueError(f"latents contain NaN or infinity (samples {bad.tolist()}); pass finite noise.")
         return nchw_to_nhwc(latents)
 
     @staticmethod
@@ -167,28 +214,45 @@ class Pipeline:
             raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts; give one or one each.")
         return negatives
 
-    def _executable(self, spec: SamplerSpec, args: tuple) -> tuple[Any, float]:
-        """Compiled generate for this spec and these shapes: (executable, compile seconds or 0)."""
+    def _executable(self, spec: SamplerSpec, args: tuple, controlnets: tuple = ()) -> tuple[Any, float]:
+        """Compiled generate for this spec, these shapes and these ControlNet modules:
+        (executable, compile seconds or 0)."""
         shapes = tuple(None if a is None else np.shape(a) for a in args[1:4])
-        key = (spec, shapes)
+        if controlnets:
+            shapes += (tuple(np.shape(image) for image in args[5]["images"]),)
+        key = (spec, shapes, controlnets)
         if key in self._compiled:
             return self._compiled[key], 0.0
         enable_compilation_cache()
-        fn = make_generate_fn(
-            {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
-            spec,
-            self.scheduler_config,
-        )
+        modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        if controlnets:
+            modules["controlnets"] = controlnets
+        fn = make_generate_fn(modules, spec, self.scheduler_config)
         data, rep = batch_sharded(self.mesh), replicated(self.mesh)
-        jitted = jax.jit(
-            fn,
-            in_shardings=(rep, data, None if args[2] is None else data, data, rep),
-            out_shardings=data,
-        )
+        shardings = (rep, data, None if args[2] is None else data, data, rep)
+        if controlnets:
+            shardings += ({"params": rep, "images": data, "scales": rep},)
+        jitted = jax.jit(with_finite_flags(fn), in_shardings=shardings, out_shardings=(data, data))
         start = time.perf_counter()
         compiled = jitted.lower(*args).compile()
         self._compiled[key] = compiled
         return compiled, time.perf_counter() - start
+
+    def with_lora(self, path: str, scale: float = 1.0, strict: bool = True) -> Pipeline:
+        """A new pipeline whose UNet and text encoder have a LoRA file merged in; ``self`` is untouched.
+
+        ``W + scale · (alpha / rank) · up @ down`` for every layer of the file (kohya/A1111,
+        diffusers or PEFT ``.safetensors``, LoCon convolutions included; see
+        :mod:`instaflow_jax.weights.lora`). Chain calls for several LoRAs, each with its own scale.
+        Keys that match no layer raise ``LoRAError`` listing them, or are skipped (and listed in a
+        warning and in ``lora_skipped``) with ``strict=False``; a LoRA for another architecture
+        (SDXL, SD 2.x, Flux) is an error. The new pipeline shares the compiled programs (params
+        are arguments of the compiled generate), so merging never recompiles.
+        """
+        params, skipped = merge_lora(self.params, path, scale, strict)
+        merged = dataclasses.replace(self, params=params, last_timings=Timings())
+        merged.lora_skipped = [*self.lora_skipped, *skipped]
+        return merged
 
     def save_pretrained(self, folder: str, fmt: str = "safetensors", dtype: Any = None) -> None:
         """Write the diffusers folder layout (PyTorch-named safetensors by default).
@@ -213,7 +277,7 @@ def load_pipeline(
     param_dtype: Any = "float32",
     variant: str | None = None,
     remat: bool = False,
-    attention_impl: str | None = None,
+    attention_impl: str | None = "auto",
     mesh: Mesh | None = None,
 ) -> Pipeline:
     """Load an SD 1.x-family diffusers folder (SD 1.5, InstaFlow-0.9B, 2-Rectified Flow …).
@@ -225,9 +289,17 @@ def load_pipeline(
       param_dtype: dtype the parameters are stored in (``"float32"`` by default).
       variant: weights variant, e.g. ``"fp16"`` for ``*.fp16.safetensors``.
       remat: rematerialise UNet blocks in the backward pass (training).
-      attention_impl: ``None`` (auto), ``"xla"`` or ``"cudnn"``.
+      attention_impl: attention in all three networks: ``"auto"`` (default; ``None`` is the
+        same), ``"xla"``, ``"blockwise"``, ``"cudnn"`` or ``"pallas_tpu"``
+        (:mod:`instaflow_jax.models.attention`). ``"auto"`` runs the Pallas flash kernel on TPUs,
+        cuDNN's fused attention on GPUs in float16/bfloat16, and otherwise blockwise attention
+        for large score matrices and XLA's for small ones; an implementation that cannot serve a
+        layer falls back with the reason logged.
       mesh: data-parallel mesh for ``generate`` (default: all local devices).
     """
+    from instaflow_jax.models.attention import check_implementation
+
+    attention_impl = check_implementation(attention_impl)
     parts = load_pipeline_parts(path, dtype, param_dtype, variant, remat=remat, attention_impl=attention_impl)
     modules = parts["modules"]
     return Pipeline(

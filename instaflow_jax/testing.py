@@ -186,12 +186,61 @@ def make_tiny_pipeline(
     return folder
 
 
+def make_tiny_controlnet(folder: str, unet_config: UNetConfig | None = None, seed: int = 0) -> str:
+    """Write a random SD 1.x-layout ``ControlNetModel`` folder matching a tiny UNet; returns ``folder``.
+
+    Its condition encoder downsamples ×8 (channels 8, 8, 16, 16), like SD's, so control images
+    have the output size. Loads with ``instaflow_jax.load_controlnet`` and PyTorch ``diffusers``.
+    """
+    from instaflow_jax.models.controlnet import ControlNetConfig, ControlNetModel
+    from instaflow_jax.weights.folder import save_component
+
+    u = unet_config or tiny_unet_config()
+    config = ControlNetConfig(
+        in_channels=u.in_channels,
+        down_block_types=u.down_block_types,
+        block_out_channels=u.block_out_channels,
+        layers_per_block=u.layers_per_block,
+        attention_head_dim=u.attention_head_dim,
+        cross_attention_dim=u.cross_attention_dim,
+        norm_num_groups=u.norm_num_groups,
+        conditioning_embedding_out_channels=(8, 8, 16, 16),
+    )
+    module = ControlNetModel(config)
+    save_component(folder, "controlnet", module, random_params(module, "controlnet", seed))
+    return folder
+
+
+def write_random_lora(path: str, params: dict, rank: int = 2, seed: int = 0, scale: float = 0.3) -> str:
+    """Write a random kohya-format LoRA (``lora_unet_…``/``lora_te_…``, with ``alpha``) for the
+    attention projections of a pipeline's ``params``; returns ``path``."""
+    from instaflow_jax.weights import safetensors_io
+    from instaflow_jax.weights.convert import flatten, flax_path_to_torch_key
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for component, prefix, family in (("unet", "lora_unet_", "unet"), ("text_encoder", "lora_te_", "clip")):
+        for key, leaf in flatten(params[component]).items():
+            if key[-1] != "kernel" or key[-2] not in ("to_q", "to_k", "to_v", "q_proj", "v_proj"):
+                continue
+            name = prefix + flax_path_to_torch_key(key, family).removesuffix(".weight").replace(".", "_")
+            fan_in, fan_out = np.shape(leaf)
+            tensors[f"{name}.lora_down.weight"] = rng.standard_normal((rank, fan_in)).astype(np.float32)
+            up = scale * rng.standard_normal((fan_out, rank))
+            tensors[f"{name}.lora_up.weight"] = up.astype(np.float32)
+            tensors[f"{name}.alpha"] = np.asarray(float(rank), np.float32)
+    safetensors_io.save(path, tensors)
+    return path
+
+
 __all__ = [
+    "make_tiny_controlnet",
     "make_tiny_pipeline",
     "random_params",
     "tiny_clip_config",
     "tiny_unet_config",
     "tiny_vae_config",
+    "write_random_lora",
     "write_tiny_tokenizer",
 ]
 

@@ -57,6 +57,11 @@ def test_generate_cli_images_equal_the_library(tiny_pipeline_dir, tmp_path):
         (["--height", "100"], "--height 100 is impossible.*multiples of 8"),
         (["--dtype", "bf17"], "unknown dtype name 'bf17'"),
         (["--num-images", "0"], "--num-images must be"),
+        (["--seed", "4294967296"], "seed 4294967296 is out of range"),
+        (["--seed", "-1"], "seed -1 is out of range"),
+        (["--steps", "0"], "--steps must be ≥ 1"),
+        (["--guidance", "inf"], "--guidance must be a finite number"),
+        (["--out", "/proc/no/grid.png"], "the folder of --out /proc/no cannot be written"),
     ],
 )
 def test_generate_cli_bad_input_is_one_clear_error(tiny_pipeline_dir, capsys, extra, message):
@@ -190,3 +195,42 @@ def test_generate_cli_sampling_options_equal_the_library(tiny_pipeline_dir, tmp_
     )
     saved = np.asarray(Image.open(tmp_path / "each" / "0000.png"), np.float32) / 255.0
     np.testing.assert_allclose(saved, expected[0], atol=1 / 255 + 1e-5)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch", "0"], "--batch must be ≥ 1, got 0"),
+        (["--batch", "-1"], "--batch must be ≥ 1, got -1"),
+        (["--fps", "0"], "--fps must be ≥ 0.1, got 0.0"),
+        (["--frames", "1"], "--frames must be ≥ 2"),
+        (["--seeds", "0", "4294967296"], "seed 4294967296 is out of range"),
+    ],
+)
+def test_interpolate_cli_bad_input_is_one_clear_error(tiny_pipeline_dir, tmp_path, capsys, extra, message):
+    argv = ["--model", tiny_pipeline_dir, "--prompt", "x", "--out-dir", str(tmp_path / "walk")] + extra
+    assert interpolate_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and message in err, err
+
+
+def test_a_model_with_nan_weights_is_an_error_not_a_black_image(tiny_pipeline_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder = shutil.copytree(tiny_pipeline_dir, tmp_path / "nan")
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(weights))
+    bias = next(k for k in sorted(tensors) if k.startswith("decoder.") and k.endswith(".bias"))
+    tensors[bias] = np.full_like(tensors[bias], np.nan)
+    save_file(tensors, str(weights))
+    grid = tmp_path / "grid.png"
+    argv = ["--model", str(folder), "--prompt", "a cat", "--prompt", "a dog", "--num-images", "1"]
+    assert generate_cli.main(argv + ["--height", "64", "--width", "64", "--out", str(grid)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(
+        "error: generation produced NaN/inf for 2 of 2 samples: 0 ('a cat'), 1 ('a dog')"
+    ), err
+    assert "the vae weights hold NaN/inf" in err and len(err.strip().splitlines()) == 1
+    assert not grid.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from functools import partial
 
@@ -15,6 +16,7 @@ import torch
 
 import instaflow_jax
 from instaflow_jax.conventions import nchw_to_nhwc, nhwc_to_nchw
+from instaflow_jax.files import UnsafePathError
 from instaflow_jax.models import ConfigError
 from instaflow_jax.weights import safetensors_io
 from instaflow_jax.weights.convert import WeightsMismatchError, flatten
@@ -263,3 +265,92 @@ def test_bf16_params_load_and_run(tiny_pipeline_dir):
     context = pipe.encode_prompt("a cat")
     assert context.dtype == jnp.float32 and bool(jnp.isfinite(context).all())
     assert flatten(pipe.params["unet"])  # non-empty tree
+
+
+BROKEN_JSON = [
+    "model_index.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+]
+
+
+def test_broken_json_names_the_file_and_what_to_do(pipe_copy, capsys):
+    """The probe: a truncated JSON gave a bare 'Expecting value: line 1 column 12'."""
+    from instaflow_jax.cli import generate as generate_cli
+
+    for name in BROKEN_JSON:
+        path = pipe_copy / name
+        original = path.read_bytes()
+        for broken, problem in (
+            (original[:11], r"is not valid JSON \(.*: line \d+, column \d+ of 11 bytes\)"),
+            (b"", "is empty"),
+        ):
+            path.write_bytes(broken)
+            assert generate_cli.main(["--model", str(pipe_copy), "--prompt", "x"]) == 2, name
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and "Traceback" not in err, err
+            assert re.match(rf"error: {re.escape(str(path))} {problem}.*Download or save", err), err
+        path.write_bytes(b"[1, 2]")
+        with pytest.raises(
+            ValueError, match=rf"{re.escape(str(path))} holds a JSON list; expected a JSON object"
+        ):
+            instaflow_jax.load_pipeline(str(pipe_copy))
+        path.write_bytes(original)
+
+
+@pytest.fixture()
+def sharded_unet(tiny_pipeline_dir, tmp_path):
+    """A UNet folder split into two shards listed by an index; returns (folder, reference params)."""
+    src = os.path.join(tiny_pipeline_dir, "unet")
+    _, reference = load_component(src, "unet")
+    state = safetensors_io.load(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shutil.copy(os.path.join(src, "config.json"), folder)
+    keys = sorted(state)
+    halves = {"part-1.safetensors": keys[: len(keys) // 2], "part-2.safetensors": keys[len(keys) // 2 :]}
+    for shard, names in halves.items():
+        safetensors_io.save(folder / shard, {k: state[k] for k in names})
+    index = {"metadata": {}, "weight_map": {k: shard for shard, names in halves.items() for k in names}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    return folder, reference
+
+
+def _set_weight_map(folder, old: str, new: str) -> None:
+    path = folder / "diffusion_pytorch_model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"] = {k: (new if v == old else v) for k, v in index["weight_map"].items()}
+    path.write_text(json.dumps(index))
+
+
+def test_index_weight_map_entries_stay_inside_the_folder(sharded_unet, tmp_path):
+    """The probe: weight_map entries '../x' or '/abs/x' were read from outside the model folder."""
+    folder, _ = sharded_unet
+    outside = tmp_path / "outside.safetensors"
+    shutil.move(folder / "part-2.safetensors", outside)
+    for entry, problem in (("../outside.safetensors", r"'\.\.'"), (str(outside), "an absolute path")):
+        _set_weight_map(folder, "part-2.safetensors", entry)
+        with pytest.raises(UnsafePathError, match=rf"index\.json: file entry .* is {problem}"):
+            load_component(str(folder), "unet")
+        _set_weight_map(folder, entry, "part-2.safetensors")
+    (folder / "part-2.safetensors").symlink_to(outside)
+    with pytest.raises(UnsafePathError, match=r"part-2.safetensors' is a symbolic link to .*outside"):
+        load_component(str(folder), "unet")
+
+
+def test_hugging_face_cache_links_into_blobs_still_load(sharded_unet, tmp_path):
+    """Snapshot files of the hub cache are links to ../../blobs: inside the repo, so allowed."""
+    folder, reference = sharded_unet
+    repo = tmp_path / "hub" / "models--someone--sharded"
+    unet = repo / "snapshots" / ("0" * 40) / "unet"
+    unet.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for name in os.listdir(folder):
+        shutil.move(folder / name, repo / "blobs" / f"blob-{name}")
+        (unet / name).symlink_to(os.path.join("..", "..", "..", "blobs", f"blob-{name}"))
+    _, params = load_component(str(unet), "unet")
+    jax.tree.map(np.testing.assert_array_equal, params, reference)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from instaflow_jax.conventions import nchw_to_nhwc, nhwc_to_nchw
+from instaflow_jax.models import attention
 from instaflow_jax.weights.convert import flatten
 from instaflow_jax.weights.folder import load_component, read_msgpack, save_component
 
@@ -44,6 +45,10 @@ VAE_KW = dict(
     up_block_types=("UpDecoderBlock2D",) * 4,
     sample_size=32,
 )
+
+
+# "blockwise" tiles for the tiny models: 64 tokens become 8 × 6 tiles, 16 become 2 × 2, with padded keys.
+SMALL_TILES = (8, 12)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +93,19 @@ def test_unet_matches_diffusers(torch_unet, jax_unet, timesteps, batch, hw):
     ref = _torch_unet_out(model, sample, timesteps, context)
     ours = nhwc_to_nchw(apply(params, nchw_to_nhwc(jnp.asarray(sample)), timesteps, context))
     assert_close(ours, ref, 1e-4, f"UNet t={timesteps.tolist()} hw={hw}")
+
+
+def test_unet_with_blockwise_attention_matches_diffusers(torch_unet, monkeypatch):
+    """``attention_impl="blockwise"`` (the default "auto" is XLA at these sizes, tested above)."""
+    monkeypatch.setattr(attention, "BLOCKWISE_BLOCK_SIZES", SMALL_TILES)
+    model, folder = torch_unet
+    module, params = load_component(folder, "unet", attention_impl="blockwise")
+    rng = np.random.default_rng(1)
+    sample = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    context = rng.standard_normal((2, 7, 24)).astype(np.float32)
+    t = np.array([1000.0, 437.5], np.float32)
+    ours = jax.jit(module.apply)({"params": params}, nchw_to_nhwc(jnp.asarray(sample)), t, context)
+    assert_close(nhwc_to_nchw(ours), _torch_unet_out(model, sample, t, context), 1e-4, "blockwise UNet")
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +169,30 @@ def torch_vae(tmp_path_factory):
     return model, folder
 
 
+def test_vae_with_blockwise_attention_matches_diffusers(torch_vae, monkeypatch):
+    """The mid-block attention (16 tokens, one head of 16 here) as ``"blockwise"``, both directions."""
+    monkeypatch.setattr(attention, "BLOCKWISE_BLOCK_SIZES", SMALL_TILES)
+    model, folder = torch_vae
+    module, params = load_component(folder, "vae", attention_impl="blockwise")
+    rng = np.random.default_rng(1)
+    image = rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    latent = rng.standard_normal((2, 4, 4, 4)).astype(np.float32)
+    with torch.no_grad():
+        mean = model.encode(torch.from_numpy(image)).latent_dist.mean.numpy()
+        decoded = model.decode(torch.from_numpy(latent)).sample.numpy()
+    both = jax.jit(
+        lambda p, x, z: (
+            module.apply(p, x, method="encode").mean,
+            module.apply(p, z, method="decode"),
+        )
+    )
+    ours_mean, ours_dec = both(
+        {"params": params}, nchw_to_nhwc(jnp.asarray(image)), nchw_to_nhwc(jnp.asarray(latent))
+    )
+    assert_close(nhwc_to_nchw(ours_mean), mean, 1e-4, "blockwise VAE posterior mean")
+    assert_close(nhwc_to_nchw(ours_dec), decoded, 1e-4, "blockwise VAE decode")
+
+
 def _old_vae_keys(state: dict) -> dict:
     """New diffusers VAE attention names → the old ones, with 1×1-conv-shaped weights."""
     renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -195,9 +237,13 @@ def test_vae_matches_diffusers(torch_vae, tmp_path, key_scheme):
     assert_close(nhwc_to_nchw(ours_dec), decoded, 1e-4, "VAE decode")
 
 
-@pytest.mark.parametrize("act, eos", [("quick_gelu", 2), ("gelu", 999)])
-def test_clip_text_matches_transformers(tmp_path, act, eos):
+@pytest.mark.parametrize(
+    "act, eos, attention_impl", [("quick_gelu", 2, "auto"), ("gelu", 999, "auto"), ("gelu", 999, "blockwise")]
+)
+def test_clip_text_matches_transformers(tmp_path, act, eos, attention_impl, monkeypatch):
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    monkeypatch.setattr(attention, "BLOCKWISE_BLOCK_SIZES", SMALL_TILES)  # causal over several tiles
 
     torch.manual_seed(0)
     config = CLIPTextConfig(
@@ -214,7 +260,7 @@ def test_clip_text_matches_transformers(tmp_path, act, eos):
     )
     model = perturb_torch_(CLIPTextModel(config), seed=3)
     model.save_pretrained(str(tmp_path))
-    module, params = load_component(str(tmp_path), "text_encoder")
+    module, params = load_component(str(tmp_path), "text_encoder", attention_impl=attention_impl)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 990, (3, 77))
     ids[:, 0] = 998

@@ -26,6 +26,28 @@ COVERAGE = {
     "instaflow-generate --model 2-rf": ["test_cli.py::test_generate_cli_sampling_options_equal_the_library"],
     "instaflow-generate --model sd15": ["test_cli.py::test_generate_cli_sampling_options_equal_the_library"],
     "instaflow-interpolate": ["test_cli.py::test_interpolate_cli_writes_frames_and_a_gif"],
+    "instaflow-generate --attention": ["test_attention.py::test_generate_cli_attention_flag"],
+    "instaflow-generate --model instaflow-0.9B --lora": [
+        "test_lora.py::test_generate_cli_with_loras_equals_the_library"
+    ],
+    "instaflow-transfer --base": [
+        "test_transfer.py::test_transfer_equals_numpy_arithmetic",
+        "test_transfer.py::test_transfer_refuses_other_architectures_and_families",
+    ],
+    "instaflow-generate --model instaflow-dreambooth": [
+        "test_transfer.py::test_transfer_equals_numpy_arithmetic"
+    ],
+    "instaflow-generate --model instaflow-0.9B --controlnet": [
+        "test_controlnet.py::test_generate_cli_with_a_canny_controlnet"
+    ],
+    'pip install -e ".[demo]" && instaflow-demo': [
+        "test_demo.py::test_the_page_in_a_real_browser",
+        "test_demo.py::test_help_documents_every_option",
+    ],
+    "instaflow-demo --model instaflow-0.9B --model2 2-rf --share": [
+        "test_demo.py::test_serves_on_127_0_0_1_and_shares_only_when_asked",
+        "NETWORK: the public tunnel itself needs the internet",
+    ],
     "python -m instaflow_jax.generate_triplets --config configs/triplets_sd15.py:tiny": [
         "test_triplets.py::test_command_line_with_the_tiny_config"
     ],
@@ -52,15 +74,15 @@ COVERAGE = {
     "bash launch/single_gpu.sh": ["test_configs.py::test_single_gpu_launch_runs_the_tiny_distillation"],
     "bash launch/multi_gpu.sh": [
         "test_configs.py::test_launch_scripts_are_valid_bash_and_demand_their_arguments",
-        "test_training.py::test_two_processes_equal_one_process_with_four_devices",
+        "test_training.py::test_two_fsdp_processes_equal_one_process",
     ],
     "sbatch --nodes=4 launch/slurm_multi_host.sbatch": [
         "test_configs.py::test_launch_scripts_are_valid_bash_and_demand_their_arguments",
-        "test_training.py::test_two_processes_equal_one_process_with_four_devices",
+        "test_training.py::test_two_fsdp_processes_equal_one_process",
     ],
     "bash launch/tpu_pod.sh": [
         "test_configs.py::test_launch_scripts_are_valid_bash_and_demand_their_arguments",
-        "test_training.py::test_two_processes_equal_one_process_with_four_devices",
+        "test_training.py::test_two_fsdp_processes_equal_one_process",
     ],
 }
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -89,3 +92,52 @@ def test_inconsistent_header_is_refused(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
     with pytest.raises(SafetensorsError, match="corrupted"):
         safetensors_io.load(path)
+
+
+def test_temporary_names_are_unique_per_writer(tmp_path):
+    from instaflow_jax.files import temporary_path
+
+    names = {temporary_path(tmp_path / "x.safetensors").name for _ in range(100)}
+    assert len(names) == 100
+    pattern = rf"x\.safetensors\.{os.getpid()}\.[0-9a-f]{{12}}\.tmp"
+    assert all(re.fullmatch(pattern, name) for name in names), sorted(names)[:3]
+
+
+def test_concurrent_writers_of_one_file_never_collide(tmp_path):
+    """Two threads save different tensors to one path 200 times each: no error, and the file
+    always holds one writer's complete tensors (the rename is atomic), no temporary file left."""
+    path = tmp_path / "x.safetensors"
+    contents = [{"w": np.full((64, 64), float(i), np.float32)} for i in range(2)]
+    errors: list[BaseException] = []
+
+    def writer(tensors):
+        try:
+            for _ in range(200):
+                safetensors_io.save(path, tensors)
+                assert safetensors_io.load(path)["w"][0, 0] in (0.0, 1.0)
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(c,)) for c in contents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    final = ref_load_numpy(str(path))["w"]
+    assert any(np.array_equal(final, c["w"]) for c in contents)
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "x.safetensors"
+    safetensors_io.save(path, {"w": np.ones(3, np.float32)})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="cannot be stored"):
+        safetensors_io.save(path, {"a": np.ones(3, np.float32), "z": np.ones(3, np.complex64)})
+    from instaflow_jax.files import atomic_open
+
+    with pytest.raises(RuntimeError, match="disk on fire"), atomic_open(path) as f:
+        f.write(b"half a file")
+        raise RuntimeError("disk on fire")
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["x.safetensors"]

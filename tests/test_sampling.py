@@ -86,6 +86,15 @@ def test_euler_matches_the_reference_loop_in_pytorch(pipe, torch_pipe, noise, st
     assert_close(images, ref_images, 1e-4, f"images, {steps} steps, g={guidance}")
 
 
+def test_blockwise_attention_pipeline_matches_the_reference_loop(tiny_pipeline_dir, torch_pipe, noise):
+    """Text encoder, UNet and VAE with ``attention_impl="blockwise"``: the one-step program that
+    ``instaflow-generate --attention blockwise`` compiles (the tests above run "auto")."""
+    blockwise = instaflow_jax.load_pipeline(tiny_pipeline_dir, attention_impl="blockwise")
+    _, ref_images = torch_euler(torch_pipe, ["a cat"], noise[:1], 1, 0.0, "")
+    images = blockwise.generate(["a cat"], latents=noise[:1], height=64, width=64)
+    assert_close(images, ref_images, 1e-4, "blockwise images, 1 step")
+
+
 def test_guidance_at_or_below_one_is_a_single_conditional_pass(pipe, noise):
     base = pipe.generate(PROMPTS, num_steps=2, guidance_scale=0.0, latents=noise, height=64, width=64)
     for g in (1.0, 0.5):
@@ -225,3 +234,28 @@ def test_bad_generate_arguments(pipe, noise):
         pipe.generate(PROMPTS, solver="ddim", height=64, width=64)
     with pytest.raises(ValueError, match="3 negative prompts for 2 prompts"):
         pipe.generate(PROMPTS, guidance_scale=2.0, negative_prompt=["a", "b", "c"], height=64, width=64)
+
+
+def test_non_finite_inputs_and_outputs_are_errors(pipe, noise):
+    import dataclasses
+
+    from instaflow_jax.generation import NonFiniteOutputError
+
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number, got inf"):
+        pipe.generate(PROMPTS, guidance_scale=float("inf"), height=64, width=64)
+    nan_noise = np.array(noise, copy=True)
+    nan_noise[1, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"latents contain NaN or infinity \(samples \[1\]\)"):
+        pipe.generate(PROMPTS, latents=nan_noise, height=64, width=64)
+    with pytest.raises(ValueError, match="DPM-Solver\\+\\+ cannot take 1000 steps on a 1000-timestep"):
+        pipe.generate(PROMPTS, solver="dpmpp2m", num_steps=1000, height=64, width=64)
+    with pytest.raises(ValueError, match="seed must lie in 0…4294967295"):
+        pipe.generate(PROMPTS, seed=2**32, height=64, width=64)
+    unet = jax.tree.map(lambda x: x, pipe.params["unet"])
+    unet["conv_out"]["bias"] = unet["conv_out"]["bias"].at[0].set(jnp.nan)
+    broken = dataclasses.replace(pipe, params={**pipe.params, "unet": unet}, _compiled={})
+    with pytest.raises(
+        NonFiniteOutputError,
+        match=r"for 2 of 2 samples.*unet weights hold NaN/inf \(e\.g\. \['conv_out'\]\['bias'\]\)",
+    ):
+        broken.generate(PROMPTS, height=64, width=64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -13,6 +14,7 @@ import jax
 
 from instaflow_jax.conventions import VAE_DOWNSAMPLE
 from instaflow_jax.models import ConfigError
+from instaflow_jax.models.attention import IMPLEMENTATIONS
 from instaflow_jax.weights import SafetensorsError, WeightsMismatchError
 
 TINY_RANDOM = "tiny-random"
@@ -32,6 +34,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default 512).")
     parser.add_argument("--width", type=int, default=None, help="pixels, multiple of 8 (default 512).")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=IMPLEMENTATIONS,
+        help="attention implementation (instaflow_jax.models.attention): auto (Pallas kernel on TPU, "
+        "cuDNN on GPU in half precision, else blockwise for large score matrices and XLA for small).",
+    )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +86,25 @@ def resolve_model(path: str) -> str:
     return folder
 
 
+def check_settings(args: argparse.Namespace, **minimums: float) -> None:
+    """Fail fast, before loading anything: ``--seed``/``--seeds`` in 0…2³²−1, ``--steps`` ≥ 1,
+    a finite ``--guidance``, and each ``minimums`` flag (attribute name → least value)."""
+    from instaflow_jax.sampling.noise import MAX_SEED
+
+    seeds = [args.seed] if hasattr(args, "seed") else list(getattr(args, "seeds", []))
+    for seed in seeds:
+        if not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed {seed} is out of range: seeds are 0…{MAX_SEED}.")
+    if getattr(args, "steps", 1) < 1:
+        raise ValueError(f"--steps must be ≥ 1, got {args.steps}.")
+    if not math.isfinite(getattr(args, "guidance", 0.0)):
+        raise ValueError(f"--guidance must be a finite number, got {args.guidance}.")
+    for name, least in minimums.items():
+        value = getattr(args, name)
+        if not value >= least:
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ {least:g}, got {value}.")
+
+
 USER_ERRORS = (FileNotFoundError, ConfigError, WeightsMismatchError, SafetensorsError, ValueError)
 
 
@@ -96,7 +124,9 @@ def load_for_cli(args: argparse.Namespace) -> tuple[Any, int, int]:
     import instaflow_jax
 
     height, width = resolve_size(args, args.model)
-    pipe = instaflow_jax.load_pipeline(resolve_model(args.model), dtype=resolve_dtype(args.dtype))
+    pipe = instaflow_jax.load_pipeline(
+        resolve_model(args.model), dtype=resolve_dtype(args.dtype), attention_impl=args.attention
+    )
     return pipe, height, width
 
 

@@ -11,10 +11,19 @@ import os
 from instaflow_jax.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
+    check_settings,
     load_for_cli,
     run_cli,
     sampling_kwargs,
 )
+from instaflow_jax.cli.extensions import (
+    add_extension_arguments,
+    apply_loras,
+    check_control_arguments,
+    control_image_size,
+    controlnet_kwargs,
+)
+from instaflow_jax.files import ensure_writable_folder
 from instaflow_jax.images import make_grid, save_png
 
 
@@ -27,15 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=4, help="images per prompt.")
     parser.add_argument("--out", default="grid.png", help="grid PNG path.")
     parser.add_argument("--out-dir", default=None, help="also write each image here as a PNG.")
+    add_extension_arguments(parser)
     return parser
 
 
 def generate(args: argparse.Namespace) -> None:
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be ≥ 1, got {args.num_images}.")
+    check_settings(args, num_images=1)
+    ensure_writable_folder(os.path.dirname(os.path.abspath(args.out)), "the folder of --out")
+    if args.out_dir:
+        ensure_writable_folder(args.out_dir, "--out-dir")
+    check_control_arguments(args)
+    if args.height is None and args.width is None and args.control_image:
+        args.height, args.width = control_image_size(args)  # the output takes the condition's size
     pipe, height, width = load_for_cli(args)
+    pipe = apply_loras(pipe, args)
     prompts = [p for p in args.prompt for _ in range(args.num_images)]
     kwargs = {**sampling_kwargs(args, height, width), "seed": args.seed}
+    kwargs.update(controlnet_kwargs(args, height, width))
     images = pipe.generate(prompts, **kwargs)
     compile_s = pipe.last_timings.compile_s
     pipe.generate(prompts, **kwargs)  # again, compiled: the steady-state time

@@ -14,11 +14,13 @@ import numpy as np
 from instaflow_jax.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
+    check_settings,
     load_for_cli,
     run_cli,
     sampling_kwargs,
 )
 from instaflow_jax.conventions import latent_shape, nhwc_to_nchw
+from instaflow_jax.files import ensure_writable_folder
 from instaflow_jax.images import save_gif, save_png
 from instaflow_jax.sampling.interpolation import slerp_path
 from instaflow_jax.sampling.noise import initial_noise
@@ -45,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def interpolate(args: argparse.Namespace) -> None:
-    if args.frames < 2:
-        raise ValueError(f"--frames must be ≥ 2, got {args.frames}.")
+    check_settings(args, frames=2, batch=1, fps=0.1)
+    ensure_writable_folder(args.out_dir, "--out-dir")
     pipe, height, width = load_for_cli(args)
     shape = latent_shape(1, height, width, pipe.latent_channels, pipe.vae_scale_factor)[1:]
     latents = interpolation_latents(args.seeds[0], args.seeds[1], shape, args.frames)

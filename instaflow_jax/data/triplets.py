@@ -6,12 +6,17 @@ teacher (model, solver, steps, guidance, negative prompt, dtype), the latent geo
 and storage dtype, the seed, whether X0 is stored, and the prompt source; shard sidecars record
 each sample's index and prompt. When X0 is not stored it is regenerated from
 ``fold_in(key(seed), index)`` with the very function the generator used.
+
+Format versions: v2 (written now) adds a ``json_sha256`` checksum to the manifest and to every
+sidecar, verified on open. v1 datasets (written before) still read — their shard files are
+verified as before, and every other v2 check applies — but their prompts and manifest are not
+checksummed, which a warning says once per dataset; regenerating one writes v2.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -22,14 +27,22 @@ from instaflow_jax.data.shards import (
     ShardError,
     ShardReader,
     check_size,
+    read_checked_json,
     read_sidecar,
     shard_name,
     verify_shard,
 )
 from instaflow_jax.sampling.noise import noise_for_indices
 
+log = logging.getLogger(__name__)
+
 FORMAT = "instaflow_jax.triplets"
-VERSION = 1
+VERSION = 2  # v2: checksummed manifest and sidecars
+READABLE_VERSIONS = (1, 2)
+
+
+class ManifestError(ValueError):
+    """A dataset manifest that is damaged, edited, or of an unknown format or version."""
 
 
 def manifest_path(folder: str | epath.Path) -> epath.Path:
@@ -37,17 +50,33 @@ def manifest_path(folder: str | epath.Path) -> epath.Path:
 
 
 def read_manifest(folder: str | epath.Path) -> dict[str, Any]:
+    """The dataset's manifest (without its checksum field), checked: format, version, checksum.
+
+    Raises:
+      FileNotFoundError: no manifest; ManifestError: damaged, edited or unknown format/version.
+    """
     path = manifest_path(folder)
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: {folder} is not a triplet dataset (make one with "
             "`python -m instaflow_jax.generate_triplets --config ...`)."
         )
-    manifest = json.loads(path.read_text(encoding="utf-8"))
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        found = f"{manifest.get('format')} v{manifest.get('version')}"
-        raise ValueError(f"{path}: format {found}, expected {FORMAT} v{VERSION}.")
-    return manifest
+    fix = "Restore it, or regenerate the dataset into a new folder."
+    peek = read_checked_json(path, fix, checksum=False, error=ManifestError)
+    version = peek.get("version")
+    if peek.get("format") != FORMAT or version not in READABLE_VERSIONS:
+        found = f"{peek.get('format')} v{version}"
+        raise ManifestError(
+            f"{path}: format {found}; this version of instaflow-jax reads {FORMAT} "
+            f"v{' and v'.join(map(str, READABLE_VERSIONS))}. Read it with the version that wrote it, "
+            "or regenerate it."
+        )
+    if version >= 2:
+        read_checked_json(path, fix, checksum=True, error=ManifestError)
+    missing = [key for key in ("num_samples", "shard_size", "seed", "latent", "store_x0") if key not in peek]
+    if missing:
+        raise ManifestError(f"{path}: fields {missing} are missing. {fix}")
+    return peek
 
 
 def manifest_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -82,11 +111,12 @@ class ShardPlan:
         return list(range(process_index, self.num_shards, process_count))
 
 
-def list_complete_shards(folder: epath.Path) -> dict[int, dict[str, Any]]:
-    """Sidecars of the shards that finished writing, by shard number."""
+def list_complete_shards(folder: epath.Path, checksum: bool = True) -> dict[int, dict[str, Any]]:
+    """Sidecars of the shards that finished writing, by shard number (``checksum``: verify each
+    sidecar's own checksum, as format v2 requires)."""
     sidecars = {}
     for path in sorted(epath.Path(folder).glob("shard-*.json")):
-        sidecar = read_sidecar(path)
+        sidecar = read_sidecar(path, checksum)
         sidecars[int(sidecar["shard"])] = sidecar
     return sidecars
 
@@ -95,16 +125,25 @@ class TripletDataset:
     """Random access to a finished triplet dataset.
 
     ``read(indices)`` returns ``x0``, ``x1`` (float32 [k, h, w, C], NHWC, model-scale latents),
-    ``index`` (int64 [k]) and ``prompt`` (list of k strings). ``verify="checksum"`` hashes every
-    shard on open (slow on big datasets); ``"size"`` (default) checks sizes and headers, and every
-    row read is still checked against its CRC32.
+    ``index`` (int64 [k]) and ``prompt`` (list of k strings). The manifest's and every sidecar's
+    own checksum are verified on open (format v2). ``verify="checksum"`` also hashes every shard
+    and checks its indices and that every row is finite (slow on big datasets); ``"size"``
+    (default) checks sizes, and every row read is still checked against its CRC32 and for NaN/inf.
     """
 
     def __init__(self, folder: str | epath.Path, verify: str = "size"):
         self.folder = epath.Path(folder)
         self.manifest = read_manifest(self.folder)
         self.plan = ShardPlan(self.manifest["num_samples"], self.manifest["shard_size"])
-        self.sidecars = list_complete_shards(self.folder)
+        checksummed = self.manifest["version"] >= 2
+        if not checksummed:
+            log.warning(
+                "%s was written by an older instaflow-jax (format v1): its shard files are verified, "
+                "but its prompts and manifest carry no checksum. Regenerate it to get format v%d.",
+                self.folder,
+                VERSION,
+            )
+        self.sidecars = list_complete_shards(self.folder, checksummed)
         missing = sorted(set(range(self.plan.num_shards)) - set(self.sidecars))
         if missing:
             names = ", ".join(shard_name(k) for k in missing[:5]) + (" …" if len(missing) > 5 else "")

@@ -31,6 +31,7 @@ import numpy as np
 from instaflow_jax.examples.toy_data import ToyShapes
 from instaflow_jax.examples.toy_eval import evaluate
 from instaflow_jax.examples.toy_models import make_toy_pipeline
+from instaflow_jax.files import write_json_atomic
 from instaflow_jax.generate_triplets import generate_triplets
 from instaflow_jax.images import make_grid, save_png
 from instaflow_jax.train.metrics import read_metrics
@@ -81,6 +82,10 @@ def _train(cfg: Any, workdir: str, name: str, stage: Any, **job: Any) -> dict[st
         **job,
     }
     result = train_and_evaluate(config, _path(workdir, name))
+    if result.preempted:
+        raise SystemExit(
+            f"preempted during stage {name} at step {result.step}; run the same command to resume."
+        )
     # A run resumed after its last checkpoint trains no step now: take the loss from its log.
     losses = result.losses or {
         r["step"]: r["loss"] for r in read_metrics(_path(workdir, name, "metrics.jsonl"))
@@ -295,9 +300,7 @@ def run_toy(config: Any, workdir: str) -> dict[str, dict[str, Any]]:
         start = time.perf_counter()
         summary = STAGE_FUNCTIONS[name](config, workdir, done)
         summary["seconds"] = round(time.perf_counter() - start, 1)
-        with open(marker + ".tmp", "w") as f:
-            json.dump(summary, f, indent=1)
-        os.replace(marker + ".tmp", marker)
+        write_json_atomic(marker, summary, indent=1)
         done[name] = summary
         print(f"[{number}/{len(STAGES)}] {name}: done in {summary['seconds']} s", flush=True)
     write_summary(workdir, done)

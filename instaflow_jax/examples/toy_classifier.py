@@ -19,6 +19,7 @@ import optax
 from flax import serialization
 
 from instaflow_jax.examples.toy_data import ATTRIBUTES, ToyShapes
+from instaflow_jax.files import write_bytes_atomic
 
 FEATURES = 64
 
@@ -76,9 +77,7 @@ def load_or_train(path: str, image_size: int, steps: int) -> Any:
             return serialization.from_bytes(template, f.read())
     params = train_classifier(image_size, steps)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
-        f.write(serialization.to_bytes(params))
-    os.replace(path + ".tmp", path)
+    write_bytes_atomic(path, serialization.to_bytes(params))
     return params
 
 

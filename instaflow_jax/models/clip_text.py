@@ -11,8 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from instaflow_jax.models.attention import dot_product_attention
 from instaflow_jax.models.configs import CLIPTextConfig
-from instaflow_jax.models.layers import Dtype, dot_product_attention, layer_norm
+from instaflow_jax.models.layers import Dtype, layer_norm
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -26,7 +27,7 @@ class CLIPAttention(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -43,7 +44,7 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -73,7 +74,7 @@ class _Layers(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -88,7 +89,7 @@ class _Encoder(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -118,7 +119,7 @@ class _TextTransformer(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -138,13 +139,15 @@ class CLIPTextModel(nn.Module):
     """CLIP text transformer: token ids [B, L] int32 → (last hidden state [B, L, D], pooled [B, D]).
 
     Both outputs are float32 whatever the compute ``dtype``; L ≤ ``max_position_embeddings`` (77).
-    Attention is causal only (SD pipelines pass no padding mask).
+    Attention is causal only (SD pipelines pass no padding mask); ``attention_impl`` names its
+    implementation (:mod:`instaflow_jax.models.attention`; ``"auto"`` picks XLA for 77 tokens
+    except on TPU and on GPUs in half precision, whose fused kernels serve causal attention).
     """
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -50,7 +50,7 @@ class IdentityAutoencoder(nn.Module):
     config: IdentityVAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     def encode(self, images: jax.Array) -> DiagonalGaussian:
         images = images.astype(jnp.float32)

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from instaflow_jax.models.attention import dot_product_attention
+
 Dtype = Any
 
 
@@ -41,17 +43,6 @@ def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype, name: str
 
 def dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str, use_bias: bool = True):
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
-def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False, implementation=None
-) -> jax.Array:
-    """Multi-head attention, ``q`` [B, Tq, N, H], ``k``/``v`` [B, Tk, N, H] → [B, Tq, N, H].
-
-    ``jax.nn.dot_product_attention`` picks the fused cuDNN kernel on GPUs when it applies
-    (``implementation=None``) and XLA elsewhere; logits and softmax are computed in float32.
-    """
-    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=implementation)
 
 
 def nearest_resize(x: jax.Array, height: int, width: int) -> jax.Array:
@@ -126,14 +117,17 @@ def attend(
     qkv_bias: bool,
     dtype: Dtype,
     param_dtype: Dtype,
-    attention_impl: str | None = None,
+    attention_impl: str | None = "auto",
     names: tuple[str, str, str, str] = ("to_q", "to_k", "to_v", "to_out_0"),
 ) -> jax.Array:
     """Project to q/k/v, attend, project out: ``x`` [B, T, C], ``context`` [B, S, D] → [B, T, out_dim].
 
     Call it from a ``@nn.compact`` method: the four Dense layers (``names``: q, k, v, out) are
     created in the calling module's scope. diffusers-Flax names them ``to_q/to_k/to_v/to_out_0``
-    in the UNet and ``query/key/value/proj_attn`` in the VAE.
+    in the UNet and ``query/key/value/proj_attn`` in the VAE. ``attention_impl`` names the
+    implementation of :func:`instaflow_jax.models.attention.dot_product_attention` (default
+    ``"auto"``: blockwise or XLA on CPU by size, cuDNN on GPUs in half precision, the Pallas
+    kernel on TPUs).
     """
     inner = heads * head_dim
     q = dense(inner, dtype, param_dtype, names[0], qkv_bias)(x)
@@ -152,7 +146,7 @@ class Attention(nn.Module):
     out_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:

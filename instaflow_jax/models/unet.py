@@ -91,7 +91,7 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -112,7 +112,7 @@ class Transformer2DModel(nn.Module):
     groups: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -139,7 +139,7 @@ class _UNetBlock(nn.Module):
     resample: bool  # a downsampler (down blocks) or upsampler (up blocks) at the end
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     def layer(self, i: int, h: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
         """``resnets_i`` then, in cross-attention blocks, ``attentions_i``."""
@@ -194,7 +194,7 @@ class MidBlock(nn.Module):
     eps: float
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, h: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
@@ -215,24 +215,38 @@ class UNet2DConditionModel(nn.Module):
         embedding MLP always runs in float32.
       param_dtype: storage dtype of the parameters (float32 for training).
       remat: rematerialise each down/mid/up block in the backward pass (saves memory).
-      attention_impl: ``None`` (auto: cuDNN fused attention on GPU when possible), ``"xla"`` or
-        ``"cudnn"``; passed to ``jax.nn.dot_product_attention``.
+      attention_impl: ``"auto"`` (default; ``None`` means the same), ``"xla"``, ``"blockwise"``,
+        ``"cudnn"`` or ``"pallas_tpu"``, see :mod:`instaflow_jax.models.attention`. ``"auto"`` runs
+        the Pallas flash kernel on TPUs, cuDNN's fused attention on GPUs in float16/bfloat16, and
+        elsewhere blockwise attention for large score matrices (the self-attention of the 64×64
+        and 32×32 latent levels at 512²) and XLA's materialised attention for small ones.
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat: bool = False
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        context: jax.Array,
+        down_block_additional_residuals: tuple[jax.Array, ...] | None = None,
+        mid_block_additional_residual: jax.Array | None = None,
+    ) -> jax.Array:
         """Predict ε (teacher) or velocity (rectified flow).
 
         Args:
           sample: [B, H, W, C_in] latents, NHWC, any float dtype.
           timesteps: float UNet timesteps, scalar or [B] (1000.0 = pure noise; fractional OK).
           context: [B, L, cross_attention_dim] text-encoder last hidden states.
+          down_block_additional_residuals: optional ControlNet residuals, one per skip connection
+            (conv_in output, then every down-block layer and downsampler), NHWC; added to the skips
+            as diffusers does.
+          mid_block_additional_residual: optional ControlNet residual added to the mid-block output.
         Returns:
           [B, H, W, C_out] float32.
         """
@@ -272,10 +286,19 @@ class UNet2DConditionModel(nn.Module):
                 **common,
             )(h, temb, context)
             skips = skips + new
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"{len(down_block_additional_residuals)} down-block residuals for {len(skips)} skip "
+                    "connections; the ControlNet does not match this UNet's architecture."
+                )
+            skips = tuple(s + r.astype(d) for s, r in zip(skips, down_block_additional_residuals))
 
         h = block(MidBlock)(cfg.block_out_channels[-1], cfg.num_heads[-1], name="mid_block", **common)(
             h, temb, context
         )
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual.astype(d)
 
         heads_up = tuple(reversed(cfg.num_heads))
         for i, (width, kind) in enumerate(zip(reversed(cfg.block_out_channels), cfg.up_block_types)):

@@ -57,7 +57,7 @@ class AttentionBlock(nn.Module):
     groups: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -77,7 +77,7 @@ class MidBlock2D(nn.Module):
     groups: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
@@ -93,7 +93,7 @@ class Encoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -136,7 +136,7 @@ class Decoder(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -154,13 +154,18 @@ class Decoder(nn.Module):
 class AutoencoderKL(nn.Module):
     """The SD VAE. Use ``apply(params, x, method="encode")`` / ``method="decode"``.
 
+    ``attention_impl`` names the implementation of the mid-block attention (one head of 512 over
+    (H/8)·(W/8) tokens; :mod:`instaflow_jax.models.attention`): the default ``"auto"`` runs it
+    blockwise on CPU and GPU at 512² (its float32 scores are 64 MiB per image; cuDNN does not
+    take a 512-wide head) and with the Pallas kernel on TPU.
+
     ``__call__`` (used for init) encodes, takes the posterior mode and decodes.
     """
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     def setup(self) -> None:
         d, p, impl = self.dtype, self.param_dtype, self.attention_impl

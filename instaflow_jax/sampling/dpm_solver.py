@@ -80,6 +80,12 @@ class DPMSolverSchedule:
             scheduler_config.get("timestep_spacing", "linspace"),
             int(scheduler_config.get("steps_offset", 0)),
         )
+        if np.any(np.diff(steps) >= 0):
+            raise ValueError(
+                f"DPM-Solver++ cannot take {num_steps} steps on a {len(ac)}-timestep noise schedule: "
+                f"its timesteps would repeat and the step sizes become 0 (use fewer than {len(ac)} steps; "
+                "25 is the SD default)."
+            )
         all_sigmas = ((1 - ac) / ac) ** 0.5
         sigmas = np.interp(steps, np.arange(len(all_sigmas)), all_sigmas)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32).astype(np.float64)
@@ -95,7 +101,12 @@ class DPMSolverSchedule:
         second = (second >= 1) & (second < num_steps - 1)  # first and final steps are first order
         weight[second] = h[second] / h[np.flatnonzero(second) - 1]
         f32 = lambda x: np.asarray(x, np.float32)
-        return cls(f32(steps), f32(alphas[:-1]), f32(vp_sigmas[:-1]), f32(ratio), f32(phi), f32(weight))
+        coefficients = (f32(steps), f32(alphas[:-1]), f32(vp_sigmas[:-1]), f32(ratio), f32(phi), f32(weight))
+        if not all(np.all(np.isfinite(c)) for c in coefficients):
+            raise ValueError(
+                f"DPM-Solver++ with {num_steps} steps gives non-finite coefficients on this schedule."
+            )
+        return cls(*coefficients)
 
 
 def dpm_solver_sample(eps_field: Field, x_t: jax.Array, schedule: DPMSolverSchedule) -> jax.Array:

@@ -1,7 +1,7 @@
 """Euler solvers of the rectified-flow ODE dZ/dt = v(Z, t), from noise (t = 0) to image (t = 1).
 
 Step i of N evaluates the field at UNet timestep ``1000 · (1 − i/N)`` and updates
-``z ← z + v / N`` (method.md §1). Arithmetic is float32 whatever the network's compute dtype.
+``z ← z + v / N`` (docs/method.md §1). Arithmetic is float32 whatever the network's compute dtype.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Spherical interpolation between noises, for smooth latent walks (method.md §6)."""
+"""Spherical interpolation between noises, for smooth latent walks (docs/method.md §6)."""
 
 from __future__ import annotations
 

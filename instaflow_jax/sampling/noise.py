@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+MAX_SEED = 2**32 - 1  # seeds are uint32 PRNG seeds
+
 
 def sample_keys(seed: int | jax.Array, indices: jax.Array) -> jax.Array:
     """Typed PRNG keys [B] for sample ``indices`` [B] (int) under ``seed``."""

@@ -1,4 +1,4 @@
-"""Straightness of a flow (method.md §5).
+"""Straightness of a flow (docs/method.md §5).
 
 ``S(Z) = ∫_0^1 E ‖(Z1 − Z0) − dZ_t/dt‖² dt``, estimated along an N-step Euler trajectory as the
 mean over steps, samples and latent elements of ``((Z_N − Z_0) − v_i)²`` (a per-element mean, so

@@ -19,7 +19,7 @@ Field = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def guide(uncond: jax.Array, cond: jax.Array, guidance_scale: jax.Array | float) -> jax.Array:
-    """Classifier-free guidance ``uncond + g · (cond − uncond)`` (method.md §3)."""
+    """Classifier-free guidance ``uncond + g · (cond − uncond)`` (docs/method.md §3)."""
     return uncond + guidance_scale * (cond - uncond)
 
 
@@ -38,7 +38,7 @@ def unet_field(
       uncond_context: [B, L, D] context of the negative prompt (or ""). When given, the UNet runs
         once on the concatenated batch [uncond; cond] and the outputs are combined with
         ``guidance_scale`` (a traced value is fine). When None, a single conditional pass is made;
-        callers decide "CFG on iff g > 1" (method.md §3) when they build the field.
+        callers decide "CFG on iff g > 1" (docs/method.md §3) when they build the field.
     Returns:
       field(z [B, h, w, C], t_unet scalar or [B]) -> float32 [B, h, w, C].
     """

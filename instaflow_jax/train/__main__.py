@@ -33,6 +33,7 @@ def run() -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         quiet_logs()
+        from instaflow_jax.parallel import ProcessBarrierTimeout
         from instaflow_jax.train.trainer import train_and_evaluate
 
         try:
@@ -40,6 +41,15 @@ def run() -> None:
         except USER_ERRORS as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        except ProcessBarrierTimeout as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        if result.preempted:
+            print(
+                f"preempted: saved the checkpoint of step {result.step} in {result.workdir}/checkpoints; "
+                "run the same command to resume."
+            )
+            return
         last = max(result.losses) if result.losses else None
         print(
             f"done: {result.workdir}" + (f", loss {result.losses[last]:.4g} at step {last}" if last else "")

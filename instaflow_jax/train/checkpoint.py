@@ -1,36 +1,137 @@
-"""Checkpoints with orbax ``CheckpointManager``: async, keep-N, sharded restore.
+"""Checkpoints with orbax ``CheckpointManager``: async, keep-N, sharded restore, verified.
 
 A checkpoint holds the train state (step, params, EMA, optimizer state) and JSON metadata: the
-training config and the data position (global batches consumed). Restoring into the shardings
-of the current mesh lets a run continue on another device count.
+training config, the data position (global batches consumed) and a fingerprint of every array
+of the state (two 32-bit position-weighted sums of its bits, computed on device). Restoring
+recomputes the fingerprints, so flipped bytes in a data file are caught; a checkpoint that is
+damaged in any way (bad fingerprint, truncated or missing files, broken metadata) is moved to
+``<checkpoints>.damaged/`` and the next older one is tried. Restoring into the shardings of the
+current mesh lets a run continue on another device count.
+
+Saving follows orbax's save-decision policy: every ``every`` steps, plus the step at which all
+processes agree on a preemption (``jax.distributed``'s preemption service, which watches for
+SIGTERM); the trainer forces a save at the last step and on a single-process SIGTERM.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+from instaflow_jax.parallel import barrier
+
+# Odd multipliers (golden-ratio and murmur3 constants) for the position-weighted bit sums.
+_MIX = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that fails verification, or none usable although the folder has some."""
+
+
+def _leaf_bits(x: jax.Array) -> jax.Array:
+    """The raw bits of ``x`` as a flat uint32 vector (one entry per ≤ 32-bit element)."""
+    x = jnp.asarray(x)
+    if jnp.issubdtype(x.dtype, jnp.bool_):
+        x = x.astype(jnp.uint8)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    size = x.dtype.itemsize
+    if size == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).reshape(-1).astype(jnp.uint32)
+
+
+def _leaf_fingerprint(x: jax.Array) -> jax.Array:
+    """uint32 [2]: Σ bits·w1(i) and Σ (bits ⊕ w2(i))·w3(i) mod 2³², with odd position weights.
+
+    Any change of one element changes the first sum (its weight is odd, hence invertible mod
+    2³²); several changes cancel in both only by chance (about 2⁻⁶⁴).
+    """
+    bits = _leaf_bits(x)
+    i = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+    w1 = (i * jnp.uint32(_MIX[0])) | jnp.uint32(1)
+    w3 = (i * jnp.uint32(_MIX[2]) + jnp.uint32(_MIX[1])) | jnp.uint32(1)
+    first = jnp.sum(bits * w1, dtype=jnp.uint32)
+    second = jnp.sum((bits ^ (i * jnp.uint32(_MIX[1]))) * w3, dtype=jnp.uint32)
+    return jnp.stack([first, second])
+
+
+@jax.jit
+def _fingerprints(tree: Any) -> Any:
+    return jax.tree.map(_leaf_fingerprint, tree)
+
+
+def tree_fingerprint(tree: Any) -> dict[str, str]:
+    """``{path: 16 hex digits}`` for every array leaf of ``tree`` (sharded arrays welcome).
+
+    Computed on device; only 8 bytes per leaf reach the host.
+    """
+    prints = _fingerprints(tree)
+    flat, _ = jax.tree_util.tree_flatten_with_path(prints)
+    out = {}
+    for path, value in flat:
+        host = np.asarray(value.addressable_data(0) if isinstance(value, jax.Array) else value)
+        out[jax.tree_util.keystr(path)] = f"{int(host[0]):08x}{int(host[1]):08x}"
+    return out
+
+
+def _warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = text if len(text) <= 160 else text[:157] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class Checkpointer:
+    """Keep-``keep`` async checkpoints of a train state every ``every`` steps (0 = only forced)."""
+
     def __init__(self, directory: str, keep: int = 3, every: int = 500):
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints must be ≥ 1 (got {keep}): a run needs one to resume from.")
         self.every = every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            should_save_fn=lambda step, _last: every > 0 and step % every == 0,
+            enable_async_checkpointing=True,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step all processes agreed to save at after a preemption notice."""
+        return bool(self.manager.reached_preemption(step))
+
     def save(self, step: int, state: Any, config: dict[str, Any], force: bool = False) -> bool:
-        """Start an async save at ``step`` when due (every ``every`` steps) or when forced."""
-        if not force and (self.every <= 0 or step % self.every):
-            return False
+        """Start an async save at ``step`` when the policy says so (interval or preemption) or
+        when forced. Returns whether a save started."""
         if step in self.manager.all_steps():
             return False
-        meta = {"config": config, "data_step": int(step), "saved_at": time.time(), "jax": jax.__version__}
+        if not force and not self.manager.should_save(step):
+            return False
+        meta = {
+            "config": config,
+            "data_step": int(step),
+            "saved_at": time.time(),
+            "jax": jax.__version__,
+            "fingerprint": tree_fingerprint(state),
+        }
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -38,14 +139,61 @@ class Checkpointer:
         )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """State restored into ``abstract_state``'s shapes, dtypes and shardings, and the metadata."""
+        """State restored into ``abstract_state``'s shapes, dtypes and shardings, and the metadata.
+
+        Raises ``CheckpointError`` when the arrays' fingerprints differ from the saved ones.
+        """
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
             ),
         )
-        return restored["state"], restored["meta"]
+        state, meta = restored["state"], restored["meta"]
+        saved = meta.get("fingerprint")
+        if saved is None:
+            _warn(
+                f"checkpoint step {step} has no array fingerprints (an older version wrote it); not verified."
+            )
+            return state, meta
+        now = tree_fingerprint(state)
+        bad = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if bad:
+            raise CheckpointError(f"{len(bad)} array(s) differ from their saved fingerprint, e.g. {bad[0]}")
+        return state, meta
+
+    def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
+        """The newest checkpoint that restores and verifies: (state, metadata, step), or None
+        when there is none. Damaged ones are reported in one line each and moved aside."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except Exception as err:
+                moved = self._quarantine(step)
+                older = [s for s in steps if s < step]
+                then = f"falling back to step {older[0]}" if older else "no older checkpoint is left"
+                _warn(f"checkpoint step {step} is damaged ({_short(err)}); moved to {moved}; {then}.")
+                continue
+            return state, meta, step
+        if steps:
+            raise CheckpointError(
+                f"every checkpoint in {self.directory} was damaged (steps {sorted(steps)}); they were "
+                f"moved to {self.directory}.damaged. Run again to start from scratch, or restore a "
+                "backup of the checkpoints folder."
+            )
+        return None
+
+    def _quarantine(self, step: int) -> str:
+        """Move the step's folder to ``<directory>.damaged/<step>-<time>`` (process 0 only)."""
+        destination = os.path.join(f"{self.directory}.damaged", f"{step}-{int(time.time())}")
+        barrier(f"checkpoint-quarantine-{step}-before")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), destination)
+        barrier(f"checkpoint-quarantine-{step}-after")
+        self.manager.reload()
+        return destination
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

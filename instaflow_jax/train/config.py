@@ -1,6 +1,6 @@
 """The training job as nested frozen dataclasses (built from ``configs/*.py`` by ``from_dict``).
 
-Objectives (method.md §4): ``reflow`` (2-Rectified Flow from SD triplets), ``distill`` (one-step
+Objectives (docs/method.md §4): ``reflow`` (2-Rectified Flow from SD triplets), ``distill`` (one-step
 student from the 2-RF), ``direct_distill`` (the same from the SD teacher: the paper's baseline)
 and ``teacher_pretrain`` (ε-prediction diffusion, for small experiments without a teacher).
 """
@@ -8,10 +8,13 @@ and ``teacher_pretrain`` (ε-prediction diffusion, for small experiments without
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from instaflow_jax.config_utils import from_dict
 from instaflow_jax.data.prompts import PromptSource
+from instaflow_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+from instaflow_jax.sampling.noise import MAX_SEED
 
 OBJECTIVES = ("reflow", "distill", "direct_distill", "teacher_pretrain")
 DATA_KINDS = ("triplets", "prompts", "images")
@@ -81,6 +84,11 @@ class DistributedConfig:
     num_processes: int = 0
     process_id: int = -1
     cpu_collectives: str = "gloo"
+    # How long a process waits for the others to connect at start, and at the start-up barriers
+    # (after loading models; after compiling, right before the first collective). Hosts can be
+    # minutes apart: a slow compile, slow storage, a cold compilation cache on one of them.
+    initialization_timeout_s: int = 900
+    barrier_timeout_s: int = 1800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +118,10 @@ class TrainConfig:
     dtype: str = "bfloat16"  # compute
     param_dtype: str = "float32"  # master weights
     remat: bool = False
+    # Attention in the UNet, VAE and text encoder (instaflow_jax/models/attention.py): auto |
+    # xla | blockwise | cudnn | pallas_tpu. "auto" = Pallas kernel on TPU, cuDNN on GPU in
+    # half precision, else blockwise for large score matrices; results do not depend on it.
+    attention: str = "auto"
     fsdp: bool = False  # shard params and optimizer state over the data axis
     seed: int = 0
     log_every: int = 10
@@ -127,6 +139,7 @@ class TrainConfig:
         "keep_checkpoints",
         "sample",
         "distributed",
+        "attention",
     )
 
     @classmethod
@@ -161,7 +174,61 @@ class TrainConfig:
             and not self.teacher.model
         ):
             problems.append("distillation from prompts needs teacher.model to compute targets online")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(f"attention {self.attention!r} (expected one of {ATTENTION_IMPLEMENTATIONS})")
         if self.objective == "teacher_pretrain" and self.data.kind != "images":
             problems.append("teacher_pretrain trains on images: set data.kind='images'")
+        problems += self._range_problems()
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems) + ".")
+
+    def _range_problems(self) -> list[str]:
+        """Every numeric setting outside its range, as 'name value (expected …)'."""
+        o, s = self.optimizer, self.sample
+        checks = [
+            ("num_steps", self.num_steps, self.num_steps >= 1, "≥ 1"),
+            ("log_every", self.log_every, self.log_every >= 1, "≥ 1"),
+            ("checkpoint_every", self.checkpoint_every, self.checkpoint_every >= 1, "≥ 1"),
+            ("keep_checkpoints", self.keep_checkpoints, self.keep_checkpoints >= 1, "≥ 1, to resume from"),
+            ("ema_decay", self.ema_decay, 0.0 <= self.ema_decay < 1.0, "in [0, 1)"),
+            ("optimizer.learning_rate", o.learning_rate, o.learning_rate > 0, "> 0"),
+            ("optimizer.warmup_steps", o.warmup_steps, o.warmup_steps >= 0, "≥ 0"),
+            ("optimizer.final_lr_fraction", o.final_lr_fraction, 0 <= o.final_lr_fraction <= 1, "in [0, 1]"),
+            ("optimizer.b1", o.b1, 0 <= o.b1 < 1, "in [0, 1)"),
+            ("optimizer.b2", o.b2, 0 <= o.b2 < 1, "in [0, 1)"),
+            ("optimizer.eps", o.eps, o.eps > 0, "> 0"),
+            ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "≥ 0"),
+            ("optimizer.clip_norm", o.clip_norm, o.clip_norm >= 0, "≥ 0 (0 = off)"),
+            ("height", self.height, self.height >= 8 and self.height % 8 == 0, "a positive multiple of 8"),
+            ("width", self.width, self.width >= 8 and self.width % 8 == 0, "a positive multiple of 8"),
+            ("lpips_resize", self.lpips_resize, self.lpips_resize >= 0, "≥ 0 (0 = keep)"),
+            ("teacher.num_steps", self.teacher.num_steps, self.teacher.num_steps >= 1, "≥ 1"),
+            (
+                "teacher.guidance_scale",
+                self.teacher.guidance_scale,
+                _finite_nonneg(self.teacher.guidance_scale),
+                "finite, ≥ 0",
+            ),
+            ("sample.every", s.every, s.every >= 0, "≥ 0 (0 = never)"),
+            ("sample.num_steps", s.num_steps, s.num_steps >= 1, "≥ 1"),
+            ("sample.guidance_scale", s.guidance_scale, _finite_nonneg(s.guidance_scale), "finite, ≥ 0"),
+            (
+                "distributed.initialization_timeout_s",
+                self.distributed.initialization_timeout_s,
+                self.distributed.initialization_timeout_s >= 1,
+                "≥ 1",
+            ),
+            (
+                "distributed.barrier_timeout_s",
+                self.distributed.barrier_timeout_s,
+                self.distributed.barrier_timeout_s >= 1,
+                "≥ 1",
+            ),
+        ]
+        for name, seed in (("seed", self.seed), ("data.seed", self.data.seed), ("sample.seed", s.seed)):
+            checks.append((name, seed, 0 <= seed <= MAX_SEED, f"in 0…{MAX_SEED}"))
+        return [f"{name} {value!r} (expected {expected})" for name, value, ok, expected in checks if not ok]
+
+
+def _finite_nonneg(x: float) -> bool:
+    return math.isfinite(x) and x >= 0

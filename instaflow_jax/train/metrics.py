@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any
 
+from instaflow_jax.files import write_bytes_atomic
+
 
 class MetricsWriter:
     """Appends ``{"step": …, name: value, …}`` lines to ``workdir/metrics.jsonl`` (process 0 only).
@@ -20,8 +22,7 @@ class MetricsWriter:
         self.enabled = enabled
         if enabled and os.path.isfile(self.path):
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            with open(self.path, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            write_bytes_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -32,8 +33,17 @@ class MetricsWriter:
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a last line cut short by a killed writer is dropped."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON; the file is damaged.") from None
+    return records
 
 
 def plot_metrics(path: str, out: str, keys: tuple[str, ...] = ("loss", "grad_norm", "lr")) -> str | None:

@@ -29,9 +29,11 @@ from instaflow_jax.data.loader import ShuffledLoader
 from instaflow_jax.data.prompt_noise import PromptNoiseDataset
 from instaflow_jax.data.prompts import load_prompts
 from instaflow_jax.data.triplets import TripletDataset
+from instaflow_jax.files import ensure_writable_folder
 from instaflow_jax.generation import SamplerSpec, make_generate_fn
 from instaflow_jax.images import make_grid, save_png
 from instaflow_jax.parallel import (
+    barrier,
     batch_sharded,
     enable_compilation_cache,
     global_batch,
@@ -48,6 +50,7 @@ from instaflow_jax.train.config import TrainConfig
 from instaflow_jax.train.export import export_pipeline
 from instaflow_jax.train.metrics import MetricsWriter, plot_metrics
 from instaflow_jax.train.objectives import make_objective
+from instaflow_jax.train.preemption import PreemptionWatch
 from instaflow_jax.train.state import TrainState, create_state, make_optimizer, train_step
 from instaflow_jax.weights.folder import load_component
 from instaflow_jax.weights.pipeline_folder import load_pipeline_parts
@@ -63,6 +66,8 @@ class TrainResult:
     workdir: str
     losses: dict[int, float]  # step → loss of every logged step
     export_dir: str | None
+    preempted: bool = False  # stopped early on a preemption notice (checkpoint saved)
+    step: int = 0  # optimizer steps done when the run returned
 
 
 def _models(cfg: TrainConfig) -> dict[str, Any]:
@@ -70,7 +75,11 @@ def _models(cfg: TrainConfig) -> dict[str, Any]:
     from instaflow_jax.cli.common import resolve_model
 
     parts = load_pipeline_parts(
-        resolve_model(cfg.init_from), dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat
+        resolve_model(cfg.init_from),
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        remat=cfg.remat,
+        attention_impl=cfg.attention,
     )
     if cfg.init_unet_from_scratch:
         unet = parts["modules"]["unet"]
@@ -131,20 +140,33 @@ def _to_device_batch(local: dict[str, Any], tokenizer: Any, mesh: Any) -> dict[s
     return global_batch(arrays, mesh)
 
 
-def _sampler(cfg: TrainConfig, parts: dict[str, Any], shape: tuple[int, int, int]):
-    """``sample(unet_params, frozen) -> images`` for the PNG grids, from fixed prompts and noise."""
+def _sampler(
+    cfg: TrainConfig, parts: dict[str, Any], shape: tuple[int, int, int], ema_params: Any, frozen: Any
+):
+    """``sample(unet_params, frozen) -> images`` for the PNG grids, from fixed prompts and noise.
+
+    Compiled now for the shardings of ``ema_params`` and ``frozen`` (so no process compiles in
+    the middle of the loop while the others wait in a collective)."""
     prompts = list(cfg.sample.prompts)
     solver = "dpmpp2m" if cfg.objective == "teacher_pretrain" else "euler"
     cfg_on = cfg.sample.guidance_scale > 1.0
     spec = SamplerSpec(cfg.sample.num_steps, solver, cfg_on, "image")
-    generate = jax.jit(make_generate_fn(parts["modules"], spec, parts["scheduler_config"]))
     ids = tokenize(parts["tokenizer"], prompts)
     uncond = tokenize(parts["tokenizer"], [""] * len(prompts)) if cfg_on else None
     z0 = noise_for_indices(cfg.sample.seed, np.arange(len(prompts)), shape)
+    guidance = jnp.float32(cfg.sample.guidance_scale)
+
+    def params_of(unet_params, frozen):
+        return {"unet": unet_params, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]}
+
+    generate = (
+        jax.jit(make_generate_fn(parts["modules"], spec, parts["scheduler_config"]))
+        .lower(params_of(ema_params, frozen), ids, uncond, z0, guidance)
+        .compile()
+    )
 
     def sample(unet_params, frozen):
-        params = {"unet": unet_params, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]}
-        images = generate(params, ids, uncond, z0, jnp.float32(cfg.sample.guidance_scale))
+        images = generate(params_of(unet_params, frozen), ids, uncond, z0, guidance)
         return np.asarray(multihost_utils.process_allgather(images, tiled=True))
 
     return sample
@@ -155,13 +177,19 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     cfg = TrainConfig.from_config(config)
     plain_config = to_plain(cfg)
     # ---------------------------------------------------------------- mesh
-    if cfg.distributed.enabled:
-        d = cfg.distributed
-        initialize_distributed(d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives)
+    ensure_writable_folder(workdir, "the run folder (--workdir)")
+    d = cfg.distributed
+    if d.enabled:
+        initialize_distributed(
+            d.coordinator_address,
+            d.num_processes,
+            d.process_id,
+            d.cpu_collectives,
+            d.initialization_timeout_s,
+        )
     mesh = make_mesh(jax.devices())
     lead = jax.process_index() == 0
     enable_compilation_cache()
-    os.makedirs(workdir, exist_ok=True)
     # ---------------------------------------------------------------- models
     parts = _models(cfg)
     modules, tokenizer = parts["modules"], parts["tokenizer"]
@@ -188,21 +216,23 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     frozen_shardings = tree_shardings(frozen_host, mesh, cfg.fsdp)
     frozen = place(frozen_host, frozen_shardings)
     # ---------------------------------------------------------------- checkpoint
+    # Hosts load models at different speeds; meet before orbax's first (collective) barrier.
+    barrier("models-loaded", d.barrier_timeout_s)
     checkpointer = Checkpointer(
         os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.checkpoint_every
     )
-    start = checkpointer.latest_step()
-    if start is None:
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
+    )
+    restored = checkpointer.restore_latest(target)
+    if restored is None:
         unet_params = place(parts["params"]["unet"], tree_shardings(parts["params"]["unet"], mesh, cfg.fsdp))
         state = jax.jit(functools.partial(create_state, optimizer=optimizer), out_shardings=state_shardings)(
             unet_params
         )
         start = 0
     else:
-        target = jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
-        )
-        state, meta = checkpointer.restore(start, target)
+        state, meta, start = restored
         differences = config_differences(meta["config"], plain_config, TrainConfig.RESUMABLE_CHANGES)
         if differences:
             raise ValueError(f"{workdir} was trained with another config: " + "; ".join(differences) + ".")
@@ -227,44 +257,53 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     first = _to_device_batch(first, tokenizer, mesh)
     compile_start = time.perf_counter()
     compiled = step_fn.lower(state, frozen, first).compile()
+    sample = _sampler(cfg, parts, shape, state.ema_params, frozen) if cfg.sample.every > 0 else None
     compile_s = time.perf_counter() - compile_start
-    sample = _sampler(cfg, parts, shape) if cfg.sample.every > 0 else None
+    # The first collective runs next: processes that compiled at different speeds meet here.
+    barrier("compiled", d.barrier_timeout_s)
     # ---------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
     losses: dict[int, float] = {}
     progress = tqdm(total=cfg.num_steps, initial=start, unit="step", disable=not lead, desc="train")
     pending, tick, tick_step = None, time.perf_counter(), start
-    step, batch = start, first
-    while step < cfg.num_steps:
-        state, metrics = compiled(state, frozen, batch)
-        if pending is not None:
-            _check_finite(*pending, checkpointer)
-        pending = (step, metrics)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.num_steps:
-            values = {k: local_value(v) for k, v in metrics.items()}
-            _check_finite(step, values, checkpointer)
-            elapsed = time.perf_counter() - tick
-            values["step_time"] = elapsed / max(done - tick_step, 1)
-            values["images_per_s"] = cfg.batch_size / values["step_time"]
-            values["compile_time"] = compile_s
-            tick, tick_step = time.perf_counter(), done
-            losses[done] = values["loss"]
-            writer.write(done, values)
-            progress.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
-        if done == cfg.num_steps or (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0):
-            _check_finite(step, metrics, checkpointer)  # never checkpoint a non-finite update
-        checkpointer.save(done, state, plain_config, force=done == cfg.num_steps)
-        if sample is not None and (done % cfg.sample.every == 0 or done == cfg.num_steps):
-            grid = make_grid(sample(state.ema_params, frozen))
-            if lead:
-                save_png(os.path.join(workdir, "samples", f"step_{done:07d}.png"), grid)
-        progress.update(1)
-        step = done
-        if step < cfg.num_steps:
-            batch = _to_device_batch(next(batches)[1], tokenizer, mesh)
+    step, batch, preempted = start, first, False
+    with PreemptionWatch(checkpointer) as preemption:
+        while step < cfg.num_steps:
+            state, metrics = compiled(state, frozen, batch)
+            if pending is not None:
+                _check_finite(*pending, checkpointer)
+            pending = (step, metrics)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.num_steps:
+                values = {k: local_value(v) for k, v in metrics.items()}
+                _check_finite(step, values, checkpointer)
+                elapsed = time.perf_counter() - tick
+                values["step_time"] = elapsed / max(done - tick_step, 1)
+                values["images_per_s"] = cfg.batch_size / values["step_time"]
+                values["compile_time"] = compile_s
+                tick, tick_step = time.perf_counter(), done
+                losses[done] = values["loss"]
+                writer.write(done, values)
+                progress.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
+            preempted = preemption.should_stop(done)
+            forced = done == cfg.num_steps or preempted
+            if forced or done % cfg.checkpoint_every == 0:
+                _check_finite(step, metrics, checkpointer)  # never checkpoint a non-finite update
+            checkpointer.save(done, state, plain_config, force=forced)
+            progress.update(1)
+            step = done
+            if preempted:
+                break
+            if sample is not None and (done % cfg.sample.every == 0 or done == cfg.num_steps):
+                grid = make_grid(sample(state.ema_params, frozen))
+                if lead:
+                    save_png(os.path.join(workdir, "samples", f"step_{done:07d}.png"), grid)
+            if step < cfg.num_steps:
+                batch = _to_device_batch(next(batches)[1], tokenizer, mesh)
     progress.close()
     checkpointer.close()
+    if preempted:
+        return TrainResult(state, workdir, losses, None, preempted=True, step=step)
     # ---------------------------------------------------------------- export
     export_dir = os.path.join(workdir, "export")
     export_pipeline(
@@ -277,7 +316,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     )
     if lead:
         plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "metrics.png"))
-    return TrainResult(state, workdir, losses, export_dir)
+    return TrainResult(state, workdir, losses, export_dir, step=step)
 
 
 def local_value(x: Any) -> float:

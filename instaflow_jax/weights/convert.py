@@ -28,6 +28,8 @@ DIFFUSERS_LIST_MODULES = (
     "transformer_blocks",
     "net",
     "to_out",
+    "blocks",  # ControlNet conditioning embedding
+    "controlnet_down_blocks",
 )
 # diffusers-Flax keeps the PyTorch attention names in the UNet (to_q … to_out_0) but uses
 # query/key/value/proj_attn in the VAE, which old PyTorch VAE checkpoints also use.
@@ -121,22 +123,26 @@ def flax_to_torch(flat: Mapping[Path, Any], family: str) -> dict[str, np.ndarray
     out: dict[str, np.ndarray] = {}
     for path, value in flat.items():
         value = np.asarray(value)
-        *parent, leaf = path
-        if family != "clip":
-            names: list[str] = []
-            for part in parent:
-                match = _LIST_INDEX.match(part)
-                names.extend([match.group(1), match.group(2)] if match else [part])
-            if family == "vae" and names and names[-1] in VAE_FLAX_TO_ATTENTION:
-                names[-1:] = VAE_FLAX_TO_ATTENTION[names[-1]].split(".")
-            parent = names
-        if leaf == "kernel":
+        if path[-1] == "kernel":
             value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-            leaf = "weight"
-        elif leaf in ("scale", "embedding"):
-            leaf = "weight"
-        out[".".join(list(parent) + [leaf])] = np.ascontiguousarray(value)
+        out[flax_path_to_torch_key(path, family)] = np.ascontiguousarray(value)
     return out
+
+
+def flax_path_to_torch_key(path: Path, family: str) -> str:
+    """``("down_blocks_0", "resnets_1", "conv1", "kernel")`` → ``"down_blocks.0.resnets.1.conv1.weight"``."""
+    *parent, leaf = path
+    if family != "clip":
+        names: list[str] = []
+        for part in parent:
+            match = _LIST_INDEX.match(part)
+            names.extend([match.group(1), match.group(2)] if match else [part])
+        if family == "vae" and names and names[-1] in VAE_FLAX_TO_ATTENTION:
+            names[-1:] = VAE_FLAX_TO_ATTENTION[names[-1]].split(".")
+        parent = names
+    if leaf in ("kernel", "scale", "embedding"):
+        leaf = "weight"
+    return ".".join(list(parent) + [leaf])
 
 
 def _shape_lines(paths: Iterable[Path], limit: int = 12) -> str:

@@ -10,7 +10,7 @@ or ``<stem>[.<variant>].bin`` (needs torch). Trees are returned as numpy arrays 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from instaflow_jax.files import contained_path, read_json, write_bytes_atomic, write_json_atomic
 from instaflow_jax.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -28,6 +29,7 @@ from instaflow_jax.models import (
     UNetConfig,
     VAEConfig,
 )
+from instaflow_jax.models.controlnet import ControlNetConfig, ControlNetModel
 from instaflow_jax.models.identity_vae import IdentityAutoencoder, IdentityVAEConfig
 from instaflow_jax.precision import parse_dtype
 from instaflow_jax.weights import safetensors_io
@@ -38,6 +40,8 @@ from instaflow_jax.weights.convert import (
     torch_to_flax,
     unflatten,
 )
+
+REDOWNLOAD = "Download or save the model folder again (or restore the file)."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +56,13 @@ class ComponentSpec:
     dummy_inputs: Callable[[Any], tuple]
 
     def expected_shapes(self, module: Any) -> dict:
-        shapes = jax.eval_shape(module.init, jax.random.key(0), *self.dummy_inputs(module.config))
-        return flatten(shapes.get("params", {}))  # parameter-free components have none
+        return dict(_expected_shapes(self, module))  # modules are hashable: traced once each
+
+
+@functools.lru_cache(maxsize=64)
+def _expected_shapes(spec: ComponentSpec, module: Any) -> dict:
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *spec.dummy_inputs(module.config))
+    return flatten(shapes.get("params", {}))  # parameter-free components have none
 
 
 def _unet_inputs(c: UNetConfig) -> tuple:
@@ -62,6 +71,17 @@ def _unet_inputs(c: UNetConfig) -> tuple:
         jnp.zeros((1, side, side, c.in_channels)),
         jnp.ones((1,)),
         jnp.zeros((1, 1, c.cross_attention_dim)),
+    )
+
+
+def _controlnet_inputs(c: ControlNetConfig) -> tuple:
+    side = 2 ** (len(c.block_out_channels) - 1)
+    cond = side * c.condition_downsample
+    return (
+        jnp.zeros((1, side, side, c.in_channels)),
+        jnp.ones((1,)),
+        jnp.zeros((1, 1, c.cross_attention_dim)),
+        jnp.zeros((1, cond, cond, c.conditioning_channels)),
     )
 
 
@@ -90,6 +110,14 @@ SPECS: dict[str, ComponentSpec] = {
         "flax_model.msgpack",
         lambda c: (jnp.zeros((1, 1), jnp.int32),),
     ),
+    "controlnet": ComponentSpec(
+        "unet",
+        ControlNetConfig,
+        ControlNetModel,
+        ("diffusion_pytorch_model",),
+        "diffusion_flax_model.msgpack",
+        _controlnet_inputs,
+    ),
 }
 
 
@@ -106,11 +134,7 @@ def read_config(folder: str, kind: str) -> Any:
         raise FileNotFoundError(f"{folder}: no such folder (expected the {kind} component folder).")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing; a diffusers {kind} folder needs config.json.")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}.") from err
+    raw = read_json(path, REDOWNLOAD)
     if kind == "vae" and raw.get("_class_name") == "IdentityAutoencoder":
         return IdentityVAEConfig.from_dict(raw, source=path)
     return _spec(kind).config_cls.from_dict(raw, source=path)
@@ -163,14 +187,13 @@ def _torch_load(path: str) -> dict[str, np.ndarray]:
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """Flat PyTorch-named state dict from a .safetensors, .safetensors.index.json or .bin file."""
     if path.endswith(".index.json"):
-        with open(path, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map", {})
-        if not weight_map:
-            raise ValueError(f"{path}: no weight_map in the shard index.")
+        weight_map = read_json(path, REDOWNLOAD).get("weight_map")
+        if not weight_map or not isinstance(weight_map, dict):
+            raise ValueError(f"{path}: no weight_map in the shard index. {REDOWNLOAD}")
         state: dict[str, np.ndarray] = {}
         folder = os.path.dirname(path)
-        for shard in sorted(set(weight_map.values())):
-            shard_path = os.path.join(folder, shard)
+        for shard in sorted(set(map(str, weight_map.values()))):
+            shard_path = os.fspath(contained_path(folder, shard, path, _hub_blobs(folder)))
             if not os.path.isfile(shard_path):
                 raise FileNotFoundError(f"{path} lists shard {shard}, which is missing.")
             state.update(safetensors_io.load(shard_path))
@@ -180,6 +203,17 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".bin"):
         return _torch_load(path)
     raise ValueError(f"{path}: not a PyTorch weights file (.safetensors, .index.json or .bin).")
+
+
+def _hub_blobs(folder: str) -> tuple[str, ...]:
+    """``…/models--org--name/blobs`` when ``folder`` lies in a Hugging Face cache snapshot, whose
+    files are symbolic links into it; else nothing."""
+    parts = os.path.realpath(folder).split(os.sep)
+    if "snapshots" in parts[1:]:
+        at = len(parts) - 1 - parts[::-1].index("snapshots")
+        if parts[at - 1].startswith("models--"):
+            return (os.sep.join([*parts[:at], "blobs"]),)
+    return ()
 
 
 def read_msgpack(path: str) -> dict:
@@ -246,16 +280,14 @@ def save_component(
     if dtype is not None:
         target = np.dtype(parse_dtype(dtype))
         flat = {k: np.asarray(v).astype(target) for k, v in flat.items()}
-    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(module.config.to_dict(), f, indent=2, sort_keys=True)
+    config_path = os.path.join(folder, "config.json")
+    write_json_atomic(config_path, module.config.to_dict(), indent=2, sort_keys=True)
     if not flat:  # a parameter-free component: its config is all there is
-        return os.path.join(folder, "config.json")
+        return config_path
     if fmt == "msgpack":
         path = os.path.join(folder, spec.msgpack_name)
         tree = jax.tree.map(np.asarray, unflatten(flat))
-        with open(path + ".tmp", "wb") as f:
-            f.write(serialization.msgpack_serialize(tree))
-        os.replace(path + ".tmp", path)
+        write_bytes_atomic(path, serialization.msgpack_serialize(tree))
         return path
     if fmt != "safetensors":
         raise ValueError(f"unknown weights format {fmt!r}; expected 'safetensors' or 'msgpack'.")

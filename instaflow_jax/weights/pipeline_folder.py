@@ -7,14 +7,14 @@ cross-attention, a 9-channel inpainting UNet) is refused with one error saying w
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
 
+from instaflow_jax.files import read_json, write_json_atomic
 from instaflow_jax.models.configs import ConfigError
 from instaflow_jax.text import load_tokenizer
-from instaflow_jax.weights.folder import load_component, read_config, save_component
+from instaflow_jax.weights.folder import REDOWNLOAD, load_component, read_config, save_component
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 REQUIRED = COMPONENTS + ("tokenizer",)
@@ -67,8 +67,7 @@ def read_model_index(folder: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{folder}: model_index.json is missing; not a diffusers pipeline folder.{hint}"
         )
-    with open(path, encoding="utf-8") as f:
-        index = json.load(f)
+    index = read_json(path, REDOWNLOAD)
     if "text_encoder_2" in index or "tokenizer_2" in index:
         raise ConfigError(
             f"{path}: found a second text encoder (text_encoder_2), as in SDXL; expected an SD 1.x "
@@ -113,6 +112,14 @@ def load_pipeline_parts(
     index = read_model_index(folder)
     configs = {name: read_config(os.path.join(folder, name), name) for name in COMPONENTS}
     check_family(configs["unet"], configs["vae"], configs["text_encoder"], folder)
+    scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
+    scheduler_config = DEFAULT_SCHEDULER_CONFIG
+    if os.path.isfile(scheduler_path):
+        scheduler_config = read_json(scheduler_path, REDOWNLOAD)
+    tokenizer_folder = os.path.join(folder, "tokenizer")
+    for name in sorted(os.listdir(tokenizer_folder)):
+        if name.endswith(".json"):  # transformers' own errors would not name the file
+            read_json(os.path.join(tokenizer_folder, name), REDOWNLOAD)
     modules, params = {}, {}
     for name in COMPONENTS:
         kwargs = (
@@ -123,15 +130,10 @@ def load_pipeline_parts(
         modules[name], params[name] = load_component(
             os.path.join(folder, name), name, dtype, param_dtype, variant, **kwargs
         )
-    scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
-    scheduler_config = DEFAULT_SCHEDULER_CONFIG
-    if os.path.isfile(scheduler_path):
-        with open(scheduler_path, encoding="utf-8") as f:
-            scheduler_config = json.load(f)
     return dict(
         modules=modules,
         params=params,
-        tokenizer=load_tokenizer(os.path.join(folder, "tokenizer")),
+        tokenizer=load_tokenizer(tokenizer_folder),
         scheduler_config=scheduler_config,
         model_index=index,
         source=folder,
@@ -154,8 +156,9 @@ def save_pipeline_parts(
     tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
     scheduler_config = dict(scheduler_config or DEFAULT_SCHEDULER_CONFIG)
     os.makedirs(os.path.join(folder, "scheduler"), exist_ok=True)
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
-        json.dump(scheduler_config, f, indent=2, sort_keys=True)
+    write_json_atomic(
+        os.path.join(folder, "scheduler", "scheduler_config.json"), scheduler_config, indent=2, sort_keys=True
+    )
     vae_class = modules["vae"].config.CLASS_NAMES[0]
     vae_entry = ["diffusers" if vae_class == "AutoencoderKL" else "instaflow_jax", vae_class]
     index = {
@@ -170,5 +173,4 @@ def save_pipeline_parts(
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
     }
-    with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
+    write_json_atomic(os.path.join(folder, "model_index.json"), index, indent=2)  # last: marks it complete

@@ -20,6 +20,8 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
+from instaflow_jax.files import atomic_open
+
 _DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -114,13 +116,10 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {key: raw(t).view(t.dtype).reshape(t.shape) for key, t in tensors.items()}
 
 
-def save(
-    path: str | os.PathLike,
-    tensors: Mapping[str, np.ndarray],
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Write ``tensors`` (C-contiguous copies are made) via a temporary file and a rename."""
-    path = epath.Path(path)
+def _layout(
+    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[np.ndarray]]:
+    """(length prefix + header, C-contiguous arrays in file order) for ``tensors``."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -138,10 +137,24 @@ def save(
         arrays.append(arr)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data to 8 bytes, as the reference writer does
-    tmp = path.parent / (path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+    return struct.pack("<Q", len(raw)) + raw, arrays
+
+
+def to_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The bytes of a safetensors file holding ``tensors`` (exactly what ``save`` writes)."""
+    head, arrays = _layout(tensors, metadata)
+    return b"".join([head, *(arr.tobytes() for arr in arrays)])
+
+
+def save(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write ``tensors`` atomically: a per-writer temporary file (``<name>.<pid>.<random>.tmp``),
+    then a rename, so concurrent writers never collide and readers never see half a file."""
+    head, arrays = _layout(tensors, metadata)
+    with atomic_open(path, "wb") as f:
+        f.write(head)
         for arr in arrays:
             f.write(arr.tobytes())
-    tmp.replace(path)

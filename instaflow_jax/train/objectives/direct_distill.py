@@ -1,6 +1,6 @@
 """Direct distillation: the one-step recipe applied to the SD teacher without reflow.
 
-The paper's baseline (method.md §4): the student starts from SD 1.5 and learns
+The paper's baseline (docs/method.md §4): the student starts from SD 1.5 and learns
 ``D(ODE[SD](X0), X0 + v(X0))`` where ODE[SD] is the teacher's DPM-Solver++ with CFG — from stored
 SD triplets (``x1``) or computed online. It is ``distill`` with an ε-prediction teacher.
 """

@@ -1,4 +1,4 @@
-"""One-step distillation → InstaFlow (method.md §4.3).
+"""One-step distillation → InstaFlow (docs/method.md §4.3).
 
 The student is always called at t_unet = 1000: prediction ``X0 + v(X0)``. The target is the
 teacher's ODE solution ``ODE[v_teacher](X0)``, either stored (``x1`` of a triplet dataset made by

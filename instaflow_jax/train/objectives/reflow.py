@@ -1,4 +1,4 @@
-"""Text-conditioned reflow → 2-Rectified Flow (method.md §4.2).
+"""Text-conditioned reflow → 2-Rectified Flow (docs/method.md §4.2).
 
 t ~ U[t_min, t_max], X_t = t·X1 + (1−t)·X0, loss ‖(X1 − X0) − v(X_t, 1000·(1−t) | prompt)‖²
 (mean over elements); prompts are replaced by "" with probability ``prompt_dropout`` so the
