@@ -106,11 +106,90 @@ def _torch_sdpa(q, k, v, dtype_name: str):
     return run
 
 
+# ------------------------------------------------------------------------------- networks
+
+
+def networks(args: argparse.Namespace) -> None:
+    """SD 1.5-size UNet forward and one-step generation (text encoder + UNet + VAE decode, one
+    fused JAX program vs PyTorch eager), per attention implementation, alternating round by round."""
+    import os
+    import sys
+
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_generate import CONFIGS, MODULES, torch_models
+
+    from instaflow_jax.generation import SamplerSpec, make_generate_fn
+    from instaflow_jax.testing import random_params
+
+    dtype = parse_dtype(args.dtype)
+    base = {k: MODULES[k](CONFIGS[k], dtype=dtype) for k in MODULES}
+    params = {k: random_params(base[k], k, seed=i) for i, k in enumerate(base)}
+    device_params = jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+    side, batch = args.resolution // 8, args.batch
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 49407, (batch, 77)).astype(np.int32)
+    z0 = rng.standard_normal((batch, side, side, 4)).astype(np.float32)
+    context = rng.standard_normal((batch, 77, 768)).astype(np.float32)
+    t = np.full((batch,), 1000.0, np.float32)
+    calls = {}
+    for impl in args.implementations:
+        modules = {k: m.clone(attention_impl=impl) for k, m in base.items()}
+        unet = jax.jit(lambda p, x, c, m=modules["unet"]: m.apply({"params": p}, x, t, c))
+        full = jax.jit(make_generate_fn(modules, SamplerSpec(1, "euler", False, "image")))
+        calls[("unet", impl)] = functools.partial(
+            lambda f: jax.block_until_ready(f(device_params["unet"], z0, context)), unet
+        )
+        calls[("one-step generation", impl)] = functools.partial(
+            lambda f: jax.block_until_ready(f(device_params, ids, None, z0, 0.0)), full
+        )
+    torch_dtype = args.torch_dtype or args.dtype
+    models = torch_models(params, "cpu", torch_dtype)
+    tdt = getattr(torch, torch_dtype)
+    t_ids, t_z0 = (
+        torch.from_numpy(ids.astype(np.int64)),
+        torch.from_numpy(z0.transpose(0, 3, 1, 2).copy()).to(tdt),
+    )
+    t_context, t_t = torch.from_numpy(context).to(tdt), torch.from_numpy(t)
+
+    def torch_unet():
+        with torch.inference_mode():
+            models["unet"](t_z0, t_t, t_context)
+
+    def torch_generate():  # InstaFlow's one step: z1 = z0 + v(z0, 1000), then decode
+        with torch.inference_mode():
+            c = models["text_encoder"](t_ids)[0]
+            z = t_z0 + models["unet"](t_z0, t_t, c).sample
+            (models["vae"].decode(z / 0.18215).sample / 2 + 0.5).clamp(0, 1)
+
+    calls[("unet", "torch")] = torch_unet
+    calls[("one-step generation", "torch")] = torch_generate
+    first = {name: _timed(call) for name, call in calls.items()}  # JAX: compile + first run
+    times = {name: [] for name in calls}
+    for _ in range(args.rounds):
+        for name, call in calls.items():
+            times[name].append(_timed(call))
+    print(
+        f"# SD 1.5 sizes, random weights; {args.resolution}², batch {batch}, JAX {args.dtype}, PyTorch "
+        f"{torch_dtype} eager; jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__}"
+    )
+    print(
+        f"# median of {args.rounds} rounds, each running every program once; "
+        "jax ÷ torch = median of the per-round ratios"
+    )
+    print(f"{'program':20} {'framework':14} {'first call s':>12} {'median s':>9} {'jax ÷ torch':>11}")
+    for (program, who), ts in times.items():
+        ratio = ""
+        if who != "torch":
+            ratio = f"{np.median(np.array(ts) / np.array(times[(program, 'torch')])):11.2f}"
+        label = who if who == "torch" else f"jax {who}"
+        print(
+            f"{program:20} {label:14} {first[(program, who)]:12.1f} {np.median(ts):9.2f} {ratio}", flush=True
+        )
+
+
 # ------------------------------------------------------------------------------- memory
-
-
-def _abstract(tree, dtype=None):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
 
 
 def _param_shapes(module, kind: str):
@@ -218,6 +297,13 @@ def main() -> None:
     p.add_argument("--implementations", nargs="+", default=["xla", "blockwise", "cudnn", "pallas_tpu"])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--skip-torch", action="store_true")
+    p = sub.add_parser("networks", help="UNet forward and one-step generation vs PyTorch eager")
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--torch-dtype", default=None, help="default: --dtype")
+    p.add_argument("--implementations", nargs="+", default=["xla", "auto"])
+    p.add_argument("--rounds", type=int, default=3)
     p = sub.add_parser("memory", help="XLA's memory accounting of the UNet forward and the train step")
     p.add_argument("--resolution", type=int, default=512)
     p.add_argument("--dtype", default="bfloat16", help="compute dtype (parameters stay float32)")
@@ -226,7 +312,7 @@ def main() -> None:
     p.add_argument("--forward-batch", type=int, default=8)
     p.add_argument("--train-batches", type=int, nargs="+", default=[8, 48])
     args = parser.parse_args()
-    {"speed": speed, "memory": memory}[args.command](args)
+    {"speed": speed, "networks": networks, "memory": memory}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -69,14 +69,14 @@ def jax_rows(params, modules, batch: int, side: int, iters: int) -> dict[str, fl
     }
 
 
-def torch_rows(params, batch: int, side: int, iters: int, dtype_name: str) -> dict[str, float]:
+def torch_models(params, device: str, dtype_name: str) -> dict:
+    """PyTorch diffusers/transformers text encoder, UNet and VAE (SD 1.5 sizes) holding ``params``."""
     import torch
     from diffusers import AutoencoderKL as TorchVAE
     from diffusers import UNet2DConditionModel as TorchUNet
     from transformers import CLIPTextConfig as TorchCLIPConfig
     from transformers import CLIPTextModel as TorchCLIP
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dtype_name)
 
     def build(kind, cls, **config):
@@ -94,9 +94,20 @@ def torch_rows(params, batch: int, side: int, iters: int, dtype_name: str) -> di
     plain = lambda c: {k: v for k, v in c.to_dict().items() if not k.startswith("_")}
     text_config = CONFIGS["text_encoder"].to_dict()
     text_config = {k: v for k, v in text_config.items() if k not in ("architectures", "model_type")}
-    unet = build("unet", TorchUNet, **plain(CONFIGS["unet"]))
-    vae = build("vae", TorchVAE, **plain(CONFIGS["vae"]))
-    text = build("text_encoder", TorchCLIP, **text_config)
+    return {
+        "unet": build("unet", TorchUNet, **plain(CONFIGS["unet"])),
+        "vae": build("vae", TorchVAE, **plain(CONFIGS["vae"])),
+        "text_encoder": build("text_encoder", TorchCLIP, **text_config),
+    }
+
+
+def torch_rows(params, batch: int, side: int, iters: int, dtype_name: str) -> dict[str, float]:
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype_name)
+    models = torch_models(params, device, dtype_name)
+    unet, vae, text = models["unet"], models["vae"], models["text_encoder"]
     ids = torch.randint(0, 49407, (batch, 77), device=device)
     z0 = torch.randn(batch, 4, side, side, device=device, dtype=dtype)
     t = torch.full((batch,), 1000.0, device=device)
