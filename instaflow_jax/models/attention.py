@@ -13,8 +13,8 @@
   ``jax.experimental.pallas.ops.tpu``, head size and sequences zero-padded to multiples of 128;
 - ``"auto"`` (default): TPU → ``pallas_tpu``; GPU in float16/bfloat16 → ``cudnn``; otherwise
   ``blockwise`` when the float32 score matrix would reach ``BLOCKWISE_MIN_SCORE_BYTES`` (16 MiB
-  on CPU, where the benchmark shows blockwise 3-5× faster than XLA on the SD layers above it and
-  within milliseconds below; 64 MiB elsewhere), else ``xla``.
+  on CPU, where the benchmark shows blockwise 1.4-3.5× faster than XLA on the SD layers above it
+  and within milliseconds below; 64 MiB elsewhere), else ``xla``.
 
 Note that ``jax.nn.dot_product_attention(implementation=None)`` is *not* "auto": in the jax we
 use it is XLA's materialised attention on every platform, GPUs included.
@@ -42,10 +42,11 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "pallas_tpu")
 # Float32 score-matrix size (B·N·Tq·Tk·4 bytes) from which "auto" takes blockwise over xla, per
-# platform. On CPU (benchmarks/RESULTS.md) blockwise is 3-5× faster from 32 MiB (the UNet's
-# 1024- and 4096-token layers at 512², the VAE's) and within a few milliseconds of XLA below
-# 16 MiB, where the reference stays (CLIP, cross-attention at batch 1, small models, the toy
-# reproduction). Elsewhere (GPUs in float32, unmeasured) the rule is about memory.
+# platform. On CPU (benchmarks/RESULTS.md) blockwise is 1.4-3.5× faster than XLA on the SD 1.5
+# layers from 32 MiB up (the UNet's 1024- and 4096-token self-attention at 512², the VAE's) and
+# within a few milliseconds of it below 16 MiB, where the reference stays (CLIP, cross-attention
+# at batch 1, small models, the toy reproduction). Elsewhere (GPUs in float32, unmeasured) the
+# rule is about memory.
 BLOCKWISE_MIN_SCORE_BYTES = {"cpu": 16 * 2**20, "default": 64 * 2**20}
 # (block_q, block_k) of "blockwise", read when a program is traced: a tuning knob (tests make the
 # tiles small so the tiny models run several); results do not depend on it beyond rounding.
