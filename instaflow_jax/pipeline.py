@@ -184,9 +184,7 @@ class Pipeline:
         self.last_timings = Timings(compile_s, time.perf_counter() - start, batch)
         if not np.all(finite[:batch]):
             bad = np.flatnonzero(~np.asarray(finite[:batch]))
-            raise NonFiniteOutputError(
-                describe_non_finite(bad, prompts, self.params, guidance_scale, spec, self.scheduler_config)
-            )
+            raise NonFiniteOutputError(describe_non_finite(bad, prompts, self.params, guidance_scale, spec))
         return nhwc_to_nchw(out) if output_type == "latent" else out
 
     def _initial_latents(self, latents: np.ndarray | None, shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -101,7 +101,6 @@ class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, every: int = 500):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be ≥ 1 (got {keep}): a run needs one to resume from.")
-        self.every = every
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
