@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tqdm>=4.60",
     "etils[epath]>=1.7",
+    "grain>=0.2.18",  # the training input pipeline (data/loader.py)
     "absl-py>=1.0",
     "tensorflow-datasets>=4.9",  # caption sources, read without TensorFlow
     "array_record>=0.5",
@@ -29,6 +30,7 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.7",  # metric plots and evaluation figures
     "scipy>=1.11",  # FID's matrix square root (toy evaluation)
     "huggingface_hub>=0.24",  # reading the local Hugging Face cache; the `hf download` command
+    "tensorboardX>=2.6",  # TensorBoard event files of training runs (no TensorFlow)
 ]
 
 EXTRAS = {
@@ -36,6 +38,7 @@ EXTRAS = {
     # version is what the test machines provide.
     "test": [
         "pytest>=8",
+        "pytest-xdist>=3.5",  # the suite runs on 2 workers (-n 2): compiling is single-threaded
         "ruff>=0.6",
         "torch==2.13.0",
         "diffusers>=0.35",
@@ -69,6 +72,7 @@ setup(
             "instaflow-demo=instaflow_jax.cli.demo:main",
             "instaflow-generate-triplets=instaflow_jax.generate_triplets:run",
             "instaflow-train=instaflow_jax.train.__main__:run",
+            "instaflow-export=instaflow_jax.cli.export:main",
             "instaflow-toy=instaflow_jax.examples.toy:run",
         ]
     },

@@ -7,7 +7,10 @@ transformers eager on the same weights and device. Example (GPU):
     python benchmarks/bench_generate.py --batches 1 8 64 --dtype bfloat16 --torch-dtype float16
 
 ``--attention`` picks the JAX attention implementation (``instaflow_jax.models.attention``;
-default ``auto``).
+default ``auto``). ``--profile-dir DIR`` also records a ``jax.profiler`` trace of ``--iters`` fused
+end-to-end generations per batch size (after the timed runs) under ``DIR/plugins/profile/``:
+``tensorboard --logdir DIR`` (with ``tensorboard-plugin-profile``) or ui.perfetto.dev on its
+``*.trace.json.gz``.
 
 Speed does not depend on the weights' values, so no checkpoint is needed.
 """
@@ -51,7 +54,9 @@ def median_time(fn, iters: int) -> float:
     return float(np.median(times))
 
 
-def jax_rows(params, modules, batch: int, side: int, iters: int) -> dict[str, float]:
+def jax_rows(
+    params, modules, batch: int, side: int, iters: int, profile_dir: str | None = None
+) -> dict[str, float]:
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 49407, (batch, 77)), jnp.int32)
     z0 = jax.random.normal(jax.random.key(0), (batch, side, side, 4))
     text = jax.jit(functools.partial(encode_text, modules["text_encoder"]))
@@ -61,12 +66,24 @@ def jax_rows(params, modules, batch: int, side: int, iters: int) -> dict[str, fl
     context = text(params["text_encoder"], ids)
     latents = step(params["unet"], context, z0)
     sync = jax.block_until_ready
-    return {
+    rows = {
         "text encoder": median_time(lambda: sync(text(params["text_encoder"], ids)), iters),
         "unet step": median_time(lambda: sync(step(params["unet"], context, z0)), iters),
         "vae decode": median_time(lambda: sync(decode(params["vae"], latents)), iters),
         "end to end (fused)": median_time(lambda: sync(full(params, ids, None, z0, 0.0)), iters),
     }
+    if profile_dir:  # compiled and warm by now: the trace holds generation only
+        trace_generation(full, params, ids, z0, iters, profile_dir)
+    return rows
+
+
+def trace_generation(full, params, ids, z0, iters: int, profile_dir: str) -> None:
+    """A ``jax.profiler`` trace of ``iters`` calls of the jitted generate ``full`` (one step per
+    call, named ``generate_batch_B``) under ``profile_dir/plugins/profile/``, plus a Perfetto file."""
+    with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+        for i in range(iters):
+            with jax.profiler.StepTraceAnnotation(f"generate_batch_{ids.shape[0]}", step_num=i):
+                jax.block_until_ready(full(params, ids, None, z0, 0.0))
 
 
 def torch_models(params, device: str, dtype_name: str) -> dict:
@@ -147,6 +164,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--attention", default="auto", help="JAX attention implementation.")
+    parser.add_argument(
+        "--profile-dir",
+        default=None,
+        help="also write a jax.profiler trace of the fused generation here (TensorBoard/Perfetto).",
+    )
     args = parser.parse_args()
 
     dtype = parse_dtype(args.dtype)
@@ -158,7 +180,7 @@ def main() -> None:
     setting = f"{args.resolution}², one step, {args.dtype}, attention {args.attention}"
     print(f"# jax {jax.__version__} on {device}; {setting}")
     for batch in args.batches:
-        rows = jax_rows(device_params, modules, batch, side, args.iters)
+        rows = jax_rows(device_params, modules, batch, side, args.iters, args.profile_dir)
         torch_dtype = None
         if not args.skip_torch:
             import torch
@@ -174,6 +196,8 @@ def main() -> None:
             if ref:
                 line += f"   torch {torch_dtype} {ref * 1000:10.1f} ms   speed-up {ref / seconds:5.2f}×"
             print(line, flush=True)
+    if args.profile_dir:
+        print(f"# profiler traces in {args.profile_dir}/plugins/profile/ (view: tensorboard --logdir DIR)")
 
 
 if __name__ == "__main__":

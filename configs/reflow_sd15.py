@@ -12,7 +12,7 @@ import dataclasses
 from ml_collections import ConfigDict
 
 from instaflow_jax.data.prompts import PromptSource
-from instaflow_jax.train.config import TeacherConfig
+from instaflow_jax.train.config import ProfileConfig, TeacherConfig
 
 
 def get_config(variant: str = "") -> ConfigDict:
@@ -77,6 +77,9 @@ def get_config(variant: str = "") -> ConfigDict:
             "cpu_collectives": "gloo",
         }
     )
+    # A jax.profiler trace of steps [start_step, start_step + num_steps) (0 = none), e.g.
+    # --config.profile.num_steps=5; keys: train.config.ProfileConfig.
+    config.profile = ConfigDict(dataclasses.asdict(ProfileConfig()))
 
     if variant == "stage2":
         config.batch_size, config.num_steps, config.grad_accum = 1024, 25_000, 16

@@ -43,6 +43,7 @@ def get_config(variant: str = "") -> ConfigDict:
     config.latent_dtype = "float16"
     config.store_x0 = False
     config.distributed = False
+    config.verify = "size"  # finished shards on resume: size (+ sidecar checksum) | full (re-hash)
 
     if variant in ("2rf", "tiny_2rf"):
         config.teacher.model = "2_rectified_flow_from_sd_1_5"

@@ -7,7 +7,10 @@ Sample ``i`` pairs prompt ``i`` with noise ``fold_in(key(seed), i)``; shard ``k`
 [k·S, (k+1)·S) and is written by process ``k mod P``; batches are split over the process's local
 devices in groups of ``per_device_batch`` consecutive samples. Hence the dataset does not depend
 on the number of devices or hosts, and a killed job re-run with the same command skips finished
-shards (verified by checksum), rebuilds the rest and ends with exactly the same dataset.
+shards, rebuilds the rest and ends with exactly the same dataset. Finished shards are checked
+without reading them (``verify="size"``: the sidecar's own checksum and the file size recorded at
+write time); ``--config.verify=full`` also re-hashes every shard file against its recorded sha256.
+The first batch runs (and compiles) before the progress bar starts, so rate and ETA exclude it.
 
 The output folder is proven writable before any work. A teacher output holding NaN/inf stops the
 job with its shard, batch, sample indices, prompts and the likely cause, before anything of that
@@ -26,13 +29,13 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
-from tqdm import tqdm
 
 from instaflow_jax.config_utils import from_dict
 from instaflow_jax.conventions import latent_shape, nchw_to_nhwc, nhwc_to_nchw
 from instaflow_jax.data.prompts import PromptSource, load_prompts, prompts_digest
 from instaflow_jax.data.shards import (
     ShardError,
+    check_size,
     read_sidecar,
     shard_name,
     verify_shard,
@@ -50,11 +53,14 @@ from instaflow_jax.data.triplets import (
 from instaflow_jax.files import ensure_writable_folder
 from instaflow_jax.generation import NonFiniteOutputError
 from instaflow_jax.parallel import initialize_distributed, make_mesh
+from instaflow_jax.phases import phase
 from instaflow_jax.precision import dtype_name, parse_dtype
+from instaflow_jax.progress import progress_bar
 from instaflow_jax.sampling.noise import noise_for_indices
 
 log = logging.getLogger(__name__)
 STALE_TMP_S = 3600.0  # a temporary file this old belongs to a dead writer
+VERIFY_MODES = ("size", "full")
 
 
 class NonFiniteTeacherError(ValueError):
@@ -87,6 +93,9 @@ class TripletJob:
     latent_dtype: str = "float16"
     store_x0: bool = False
     distributed: bool = False  # call jax.distributed.initialize() first (multi-host)
+    # How a resume checks finished shards: "size" (the sidecar's own checksum and the file size
+    # recorded at write time; no shard data read) or "full" (also re-hash every shard file).
+    verify: str = "size"
 
     @classmethod
     def from_config(cls, config: Any) -> TripletJob:
@@ -95,6 +104,8 @@ class TripletJob:
             raise ValueError("shard_size and per_device_batch must be ≥ 1.")
         if job.latent_dtype not in ("float16", "float32", "bfloat16"):
             raise ValueError(f"latent_dtype {job.latent_dtype!r}; expected float16, bfloat16 or float32.")
+        if job.verify not in VERIFY_MODES:
+            raise ValueError(f"verify {job.verify!r}; expected one of {VERIFY_MODES}.")
         return job
 
 
@@ -149,21 +160,38 @@ def ensure_manifest(folder: epath.Path, manifest: dict[str, Any]) -> None:
     write_json(manifest_path(folder), manifest)
 
 
-def pending_shards(folder: epath.Path, mine: list[int]) -> list[int]:
-    """Shards of ``mine`` still to write; finished ones whose sidecar or file fails a check are
-    rebuilt, and their writers' stale temporary files removed."""
+def pending_shards(folder: epath.Path, mine: list[int], verify: str = "size") -> list[int]:
+    """Shards of ``mine`` still to write; their writers' stale temporary files are removed.
+
+    A finished shard (one with a sidecar) is kept when its sidecar passes its ``json_sha256``
+    checksum and its file has the size recorded at write time (``verify="size"``: no shard data is
+    read), plus, with ``verify="full"``, when the file matches the recorded sha256, layout,
+    indices and finiteness (every file read once, with a progress bar). One that fails is rebuilt.
+    """
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify {verify!r}; expected one of {VERIFY_MODES}.")
+    finished = [shard for shard in mine if (folder / f"{shard_name(shard)}.json").exists()]
+    progress = None
+    if verify == "full" and finished:
+        progress = progress_bar(total=len(finished), unit="shard", desc="verifying finished shards (full)")
     todo = []
     for shard in mine:
         sidecar_path = folder / f"{shard_name(shard)}.json"
-        if sidecar_path.exists():
+        if shard in finished:
             try:
-                verify_shard(folder, read_sidecar(sidecar_path))
+                sidecar = read_sidecar(sidecar_path)
+                (verify_shard if verify == "full" else check_size)(folder, sidecar)
                 continue
             except ShardError as err:
                 log.warning("rebuilding %s: %s", shard_name(shard), err)
                 sidecar_path.unlink()
+            finally:
+                if progress is not None:
+                    progress.update(1)
         todo.append(shard)
         _remove_stale_temporaries(folder, shard)
+    if progress is not None:
+        progress.close()
     return todo
 
 
@@ -220,6 +248,41 @@ def check_finite(
     )
 
 
+def _teacher_batch(
+    pipe: Any,
+    job: TripletJob,
+    prompts: list[str],
+    shape: tuple[int, ...],
+    group: int,
+    shard: int,
+    chunk: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher latents of the samples ``chunk`` (global indices, at most ``group``): X1 in
+    ``latent_dtype`` and X0 float32, each [k, h, w, C] NHWC; checked finite (else an error)."""
+    teacher = job.teacher
+    padded = np.concatenate([chunk, np.full(group - len(chunk), chunk[-1])])  # same groups always
+    noise = np.asarray(noise_for_indices(job.seed, padded, shape))
+    try:  # the pipeline checks finiteness on device (per-sample flags fetched with the output)
+        latents = pipe.generate(
+            [prompts[i] for i in padded], num_steps=teacher.num_steps,
+            guidance_scale=teacher.guidance_scale, negative_prompt=teacher.negative_prompt,
+            latents=nhwc_to_nchw(noise), height=job.height, width=job.width,
+            solver=teacher.solver, output_type="latent",
+        )  # fmt: skip
+    except NonFiniteOutputError as err:
+        raise NonFiniteTeacherError(
+            f"non-finite (NaN/inf) teacher output in the batch of samples {int(chunk[0])}–"
+            f"{int(chunk[-1])} of {shard_name(shard)} (batch position i is dataset sample "
+            f"{int(chunk[0])} + i): {err} Nothing of this shard was written; finished shards "
+            "are kept."
+        ) from err
+    x1_batch = nchw_to_nhwc(latents)[: len(chunk)]  # on the host already: checks cost no sync
+    with np.errstate(over="ignore"):  # an overflow is reported by check_finite
+        stored = x1_batch.astype(parse_dtype(job.latent_dtype))
+    check_finite(x1_batch, stored, chunk, shard, prompts, teacher)
+    return stored, noise[: len(chunk)]
+
+
 def generate_triplets(
     config: Any,
     process_index: int | None = None,
@@ -239,45 +302,33 @@ def generate_triplets(
     prompts = load_prompts(job.prompts)
     mesh = make_mesh(devices)
     teacher = job.teacher
-    pipe = instaflow_jax.load_pipeline(
-        resolve_model(teacher.model), dtype=teacher.dtype, param_dtype=teacher.param_dtype, mesh=mesh
-    )
+    with phase(f"loading teacher {teacher.model}"):
+        pipe = instaflow_jax.load_pipeline(
+            resolve_model(teacher.model), dtype=teacher.dtype, param_dtype=teacher.param_dtype, mesh=mesh
+        )
     shape = latent_shape(1, job.height, job.width, pipe.latent_channels, pipe.vae_scale_factor)[1:]
     ensure_manifest(folder, build_manifest(job, pipe, prompts, shape))
 
     plan = ShardPlan(len(prompts), job.shard_size)
-    todo = pending_shards(folder, plan.shards_of_process(process_index, process_count))
+    with phase(f"checking finished shards (verify={job.verify})", job.verify == "size"):
+        todo = pending_shards(folder, plan.shards_of_process(process_index, process_count), job.verify)
     group = job.per_device_batch * mesh.size
     total = sum(len(plan.indices(k)) for k in todo)
-    progress = tqdm(total=total, unit="sample", desc=f"triplets (process {process_index}/{process_count})")
-    latent_dtype = parse_dtype(job.latent_dtype)
+    batch_args = (pipe, job, prompts, shape, group)
+    first = {}  # the first batch, run before the progress bar so that its rate excludes compiling
+    if todo:
+        with phase("compiling the teacher (and running the first batch)"):
+            first[todo[0], 0] = _teacher_batch(*batch_args, todo[0], plan.indices(todo[0])[:group])
+    desc = f"triplets (process {process_index}/{process_count})"
+    progress = progress_bar(total=total, unit="sample", desc=desc)
     for shard in todo:
         indices = plan.indices(shard)
         x1, x0 = [], []
         for start in range(0, len(indices), group):
             chunk = indices[start : start + group]
-            padded = np.concatenate([chunk, np.full(group - len(chunk), chunk[-1])])  # same groups always
-            noise = np.asarray(noise_for_indices(job.seed, padded, shape))
-            try:  # the pipeline checks finiteness on device (per-sample flags fetched with the output)
-                latents = pipe.generate(
-                    [prompts[i] for i in padded], num_steps=teacher.num_steps,
-                    guidance_scale=teacher.guidance_scale, negative_prompt=teacher.negative_prompt,
-                    latents=nhwc_to_nchw(noise), height=job.height, width=job.width,
-                    solver=teacher.solver, output_type="latent",
-                )  # fmt: skip
-            except NonFiniteOutputError as err:
-                raise NonFiniteTeacherError(
-                    f"non-finite (NaN/inf) teacher output in the batch of samples {int(chunk[0])}–"
-                    f"{int(chunk[-1])} of {shard_name(shard)} (batch position i is dataset sample "
-                    f"{int(chunk[0])} + i): {err} Nothing of this shard was written; finished shards "
-                    "are kept."
-                ) from err
-            x1_batch = nchw_to_nhwc(latents)[: len(chunk)]  # on the host already: checks cost no sync
-            with np.errstate(over="ignore"):  # an overflow is reported by check_finite
-                stored = x1_batch.astype(latent_dtype)
-            check_finite(x1_batch, stored, chunk, shard, prompts, teacher)
+            stored, noise = first.pop((shard, start), None) or _teacher_batch(*batch_args, shard, chunk)
             x1.append(stored)
-            x0.append(noise[: len(chunk)])
+            x0.append(noise)
             progress.update(len(chunk))
         arrays = {"x1": np.concatenate(x1)}
         if job.store_x0:
@@ -307,6 +358,7 @@ def run() -> None:
         from instaflow_jax.train.__main__ import quiet_logs
 
         quiet_logs()
+        print(f"writing triplets to {config.value.output_dir}", flush=True)
         try:
             print(f"triplets in {generate_triplets(config.value)}")
         except USER_ERRORS as err:

@@ -41,6 +41,23 @@ from instaflow_jax.weights.lora import merge_lora
 from instaflow_jax.weights.pipeline_folder import load_pipeline_parts, save_pipeline_parts
 
 
+class InsufficientMemoryError(MemoryError):
+    """A generation that does not fit in the device's memory (estimated by XLA, or refused by it)."""
+
+
+def available_memory_bytes(device: jax.Device) -> int | None:
+    """Memory a program may use on ``device``: its allocator limit, or the host's available RAM."""
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 @dataclasses.dataclass
 class Timings:
     """Seconds spent by the last ``generate`` call: compiling (0 when cached) and running."""
@@ -88,6 +105,13 @@ class Pipeline:
         return self.vae.config.downsample_factor
 
     @property
+    def native_size(self) -> tuple[int, int]:
+        """(height, width) the UNet was trained at: ``unet sample_size × vae_scale_factor``
+        (512×512 for SD 1.5), the default size of ``generate``, as in diffusers."""
+        side = int(self.unet.config.sample_size) * self.vae_scale_factor
+        return side, side
+
+    @property
     def latent_channels(self) -> int:
         return self.vae.config.latent_channels
 
@@ -112,8 +136,8 @@ class Pipeline:
         negative_prompt: str | Sequence[str] = "",
         seed: int = 0,
         latents: np.ndarray | None = None,
-        height: int = 512,
-        width: int = 512,
+        height: int | None = None,
+        width: int | None = None,
         solver: str = "euler",
         output_type: str = "image",
         controlnet: ControlNet | Sequence[ControlNet] | None = None,
@@ -131,7 +155,8 @@ class Pipeline:
           negative_prompt: replaces "" as the unconditional prompt under CFG (one, or one per prompt).
           seed: sample i uses noise from ``fold_in(key(seed), i)``.
           latents: optional initial noise in the diffusers layout [B, 4, H/8, W/8] (NCHW) float32.
-          height, width: image size in pixels, multiples of the VAE factor (8 for SD).
+          height, width: image size in pixels, multiples of the VAE factor (8 for SD); default:
+            the model's native size (:attr:`native_size`, 512×512 for SD 1.5).
           solver: ``"euler"`` (rectified flow) or ``"dpmpp2m"`` (SD teacher, ε-prediction).
           output_type: ``"image"`` → float32 [B, H, W, 3] in [0, 1]; ``"latent"`` → model-scale
             latents [B, 4, H/8, W/8] float32 (NCHW, diffusers layout).
@@ -146,6 +171,8 @@ class Pipeline:
         if not prompts:
             raise ValueError("prompts is empty; give at least one prompt.")
         batch = len(prompts)
+        height = self.native_size[0] if height is None else int(height)
+        width = self.native_size[1] if width is None else int(width)
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}.")
         cfg = use_cfg(guidance_scale)
@@ -177,15 +204,45 @@ class Pipeline:
             raise ValueError(
                 "control_image was given without a controlnet; pass controlnet=load_controlnet(...)."
             )
-        compiled, compile_s = self._executable(spec, args, tuple(net.module for net in nets))
-        start = time.perf_counter()
-        out, finite = jax.device_get(compiled(*args))
+        try:
+            compiled, compile_s = self._executable(spec, args, tuple(net.module for net in nets))
+            self._check_memory(compiled, batch, height, width)
+            start = time.perf_counter()
+            out, finite = jax.device_get(compiled(*args))
+        except jax.errors.JaxRuntimeError as err:
+            if "RESOURCE_EXHAUSTED" not in str(err):
+                raise
+            found = str(err).split("\n", 1)[0]
+            raise InsufficientMemoryError(self._memory_message(batch, height, width, found)) from None
         out = np.asarray(out)[:batch]
         self.last_timings = Timings(compile_s, time.perf_counter() - start, batch)
         if not np.all(finite[:batch]):
             bad = np.flatnonzero(~np.asarray(finite[:batch]))
             raise NonFiniteOutputError(describe_non_finite(bad, prompts, self.params, guidance_scale, spec))
         return nhwc_to_nchw(out) if output_type == "latent" else out
+
+    def _memory_message(self, batch: int, height: int, width: int, found: str) -> str:
+        native = "×".join(map(str, self.native_size))
+        return (
+            f"{batch} image(s) at {height}×{width} do not fit in memory ({found}); this model's "
+            f"native size is {native}: ask for a smaller size or fewer images."
+        )
+
+    def _check_memory(self, compiled: Any, batch: int, height: int, width: int) -> None:
+        """Refuse a program whose XLA memory estimate (outputs and temporaries: the params are
+        resident already) exceeds what the first device has free."""
+        try:
+            stats = compiled.memory_analysis()
+            need = stats.output_size_in_bytes + stats.temp_size_in_bytes
+        except (AttributeError, NotImplementedError, jax.errors.JaxRuntimeError):
+            return  # no estimate on this backend: XLA's own RESOURCE_EXHAUSTED is caught instead
+        device = self.mesh.devices.flat[0]
+        if device.platform == "cpu":  # CPU "devices" share the host's memory
+            need *= self.mesh.devices.size
+        free = available_memory_bytes(device)
+        if free is not None and need > free:
+            found = f"XLA estimates {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB are free"
+            raise InsufficientMemoryError(self._memory_message(batch, height, width, found))
 
     def _initial_latents(self, latents: np.ndarray | None, shape: tuple[int, ...], seed: int) -> np.ndarray:
         if latents is None:

@@ -186,6 +186,51 @@ def make_tiny_pipeline(
     return folder
 
 
+def user_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/instaflow_jax``, or ``~/.cache/instaflow_jax``: this user's cache folder."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "instaflow_jax")
+
+
+def tiny_random_folder(cache_dir: str | None = None) -> str:
+    """The ``tiny-random`` pipeline (``make_tiny_pipeline(seed=0)``) in ``cache_dir/tiny_random``.
+
+    Made once per user (``cache_dir`` defaults to :func:`user_cache_dir`) under a file lock, in a
+    temporary folder renamed into place, so concurrent jobs never see a half-written pipeline;
+    remade when this module's source changes (its sha256 is kept in ``.source``).
+    """
+    import fcntl
+    import hashlib
+    import shutil
+    import tempfile
+
+    cache_dir = cache_dir or user_cache_dir()
+    os.makedirs(cache_dir, exist_ok=True)
+    folder = os.path.join(cache_dir, "tiny_random")
+    with open(__file__, "rb") as f:
+        source = hashlib.sha256(f.read()).hexdigest()
+    stamp = os.path.join(folder, ".source")
+    with open(os.path.join(cache_dir, "tiny_random.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            with open(stamp) as f:
+                if f.read() == source:
+                    return folder
+        except OSError:
+            pass
+        staging = tempfile.mkdtemp(prefix="tiny_random.", dir=cache_dir)
+        try:
+            make_tiny_pipeline(staging, seed=0)
+            with open(os.path.join(staging, ".source"), "w") as f:
+                f.write(source)
+            if os.path.exists(folder):  # stale (older source) or left half-written by an old version
+                shutil.rmtree(folder)
+            os.rename(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def make_tiny_controlnet(folder: str, unet_config: UNetConfig | None = None, seed: int = 0) -> str:
     """Write a random SD 1.x-layout ``ControlNetModel`` folder matching a tiny UNet; returns ``folder``.
 
@@ -313,4 +358,39 @@ def write_random_lpips_weights(folder: str, seed: int = 0) -> str:
     with h5py.File(os.path.join(folder, "lpips_lin.h5"), "w") as f:
         for i, (features, _) in enumerate(VGG16_BLOCKS):
             f[f"lin{i}"] = np.abs(rng.standard_normal((1, 1, features, 1))).astype(np.float32) / features
+    return folder
+
+
+def write_synthetic_triplets(
+    folder: str,
+    num_samples: int,
+    shard_size: int,
+    shape: tuple[int, int, int] = (8, 8, 4),
+    seed: int = 0,
+    store_x0: bool = False,
+    dtype: str = "float32",
+) -> str:
+    """A triplet dataset without a teacher (tests, loader benchmarks): ``x1`` [num_samples, *shape]
+    standard normal in ``dtype`` (NHWC), prompt ``i`` = ``"prompt i"``; with ``store_x0``, ``x0``
+    float32 is the generator's noise of (``seed``, index) (``noise_for_indices``)."""
+    from instaflow_jax.data.shards import write_json, write_shard
+    from instaflow_jax.data.triplets import FORMAT, VERSION
+    from instaflow_jax.sampling.noise import noise_for_indices
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    noise = np.asarray(noise_for_indices(seed, np.arange(num_samples), shape)) if store_x0 else None
+    for number, start in enumerate(range(0, num_samples, shard_size)):
+        indices = np.arange(start, min(start + shard_size, num_samples))
+        arrays = {"x1": rng.standard_normal((len(indices), *shape), np.float32).astype(dtype)}
+        if noise is not None:
+            arrays["x0"] = noise[indices]
+        write_shard(folder, number, arrays, indices, [f"prompt {i}" for i in indices])
+    latent = {"height": shape[0], "width": shape[1], "channels": shape[2], "layout": "NHWC"}
+    manifest = {
+        "format": FORMAT, "version": VERSION, "seed": seed, "store_x0": store_x0,
+        "num_samples": num_samples, "shard_size": shard_size,
+        "latent": {**latent, "scaling_factor": 0.18215, "dtype": dtype, "x0_dtype": "float32"},
+    }  # fmt: skip
+    write_json(os.path.join(folder, "manifest.json"), manifest)
     return folder

@@ -46,7 +46,7 @@ def test_triplet_configs(variant):
 def test_train_configs(name, variant, objective):
     config = TrainConfig.from_config(load_config(name, variant))
     assert config.objective == objective
-    if name == "reflow_sd15" and not variant:  # the paper's stage-1 schedule (method.md §4)
+    if name == "reflow_sd15" and not variant:  # the paper's stage-1 schedule (docs/method.md §4)
         assert (config.batch_size, config.num_steps, config.optimizer.learning_rate) == (64, 70_000, 1e-6)
         assert (config.ema_decay, config.optimizer.clip_norm, config.optimizer.warmup_steps) == (
             0.9999,

@@ -33,7 +33,7 @@ SIZE = 64
 
 
 class InstaFlowEulerScheduler:
-    """InstaFlow's N-step Euler loop (method.md §1) behind the scheduler calls that diffusers
+    """InstaFlow's N-step Euler loop (docs/method.md §1) behind the scheduler calls that diffusers
     pipelines make: timesteps 1000·(1 − i/N) (floats), ``z ← z + v/N``."""
 
     order = 1

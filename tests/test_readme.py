@@ -1,12 +1,21 @@
-"""Every command in the README is exercised by a test (or by CI), and this file says which.
+"""Every code block in the README runs, or says why not.
 
-Adding a command to the README without saying here how it is tested fails this test.
+Python and shell blocks without a marker are executed here, in README order, on a tiny pipeline
+(model folders replaced by it, offline). A block that needs a download, GPUs, a server or a long
+run carries ``<!-- not-run: REASON -->`` on the line(s) before its fence, and each of its commands
+is mapped in COVERAGE to the test that runs the same thing on tiny inputs. Adding a block or a
+command without either fails here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import shlex
+import subprocess
+
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,6 +30,11 @@ COVERAGE = {
     "hf download": [
         "NETWORK: downloads cannot run offline; the folders they make are the "
         "diffusers layout that test_loading.py and test_models_parity.py load"
+    ],
+    "instaflow-generate --model tiny-random": ["test_readme.py::test_unmarked_shell_blocks_run"],
+    "instaflow-generate --model runs/toy/distill/export": [
+        "test_cli.py::test_default_size_is_the_models_native_size",
+        "test_toy.py::test_tiny_reproduction_writes_every_stage",
     ],
     "instaflow-generate --model instaflow-0.9B": ["test_cli.py::test_generate_cli_writes_a_grid_and_timings"],
     "instaflow-generate --model 2-rf": ["test_cli.py::test_generate_cli_sampling_options_equal_the_library"],
@@ -71,38 +85,49 @@ COVERAGE = {
     "python -m instaflow_jax.train --config configs/distill_sd15.py:direct": [
         "test_training.py::test_distillation_learns"
     ],
+    "tensorboard --logdir": [
+        "test_operations.py::test_tensorboard_holds_scalars_sample_grids_and_hyperparameters",
+        "NOT RUN: tensorboard is not a dependency; the test reads the event files it would show",
+    ],
+    "instaflow-export --workdir": [
+        "test_operations.py::test_export_of_a_middle_step_loads_in_pytorch_diffusers",
+        "test_operations.py::test_ema_export_and_push_to_hub_with_the_upload_faked",
+    ],
     "bash launch/single_gpu.sh": ["test_configs.py::test_single_gpu_launch_runs_the_tiny_distillation"],
     "bash launch/multi_gpu.sh": [
         "test_configs.py::test_launch_scripts_are_valid_bash_and_demand_their_arguments",
-        "test_training.py::test_two_fsdp_processes_equal_one_process",
+        "test_training_multiprocess.py::test_two_fsdp_processes_equal_one_process",
     ],
     "sbatch --nodes=4 launch/slurm_multi_host.sbatch": [
         "test_configs.py::test_launch_scripts_are_valid_bash_and_demand_their_arguments",
-        "test_training.py::test_two_fsdp_processes_equal_one_process",
+        "test_training_multiprocess.py::test_two_fsdp_processes_equal_one_process",
     ],
     "bash launch/tpu_pod.sh": [
         "test_configs.py::test_launch_scripts_are_valid_bash_and_demand_their_arguments",
-        "test_training.py::test_two_fsdp_processes_equal_one_process",
+        "test_training_multiprocess.py::test_two_fsdp_processes_equal_one_process",
     ],
 }
 
 
+def split_commands(block: str) -> list[str]:
+    """Shell commands of a bash block (continuations joined, comments dropped)."""
+    commands, current = [], ""
+    for line in block.splitlines():
+        line = line.split(" #", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
+        if not line:
+            continue
+        current += line.strip() + " "
+        if not line.endswith("\\"):
+            commands.append(current.strip())
+            current = ""
+    return commands
+
+
 def readme_commands() -> list[str]:
-    """Shell commands of the README's bash blocks (continuations joined, comments dropped)."""
+    """Shell commands of the README's bash blocks."""
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        current = ""
-        for line in block.splitlines():
-            line = line.split(" #", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
-            if not line:
-                continue
-            current += line.strip() + " "
-            if not line.endswith("\\"):
-                commands.append(current.strip())
-                current = ""
-    return commands
+    return [c for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for c in split_commands(block)]
 
 
 def test_every_readme_command_is_covered():
@@ -149,3 +174,108 @@ def test_download_commands_parse_with_the_installed_hf_cli():
     assert hf, "huggingface_hub's `hf` command is not installed"
     usage = subprocess.run([hf, "download", "--help"], capture_output=True, text=True, timeout=60).stdout
     assert "--exclude" in usage and "--local-dir" in usage
+
+
+# ---------------------------------------------------------------- every block runs or says why
+
+
+@dataclasses.dataclass
+class Block:
+    lang: str
+    code: str
+    line: int  # of the opening fence, 1-based
+    reason: str | None  # of a <!-- not-run: REASON --> marker, None when the block runs here
+
+
+def readme_blocks() -> list[Block]:
+    """The README's bash and python blocks, each with the not-run reason of the comments above it."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = re.fullmatch(r"```(\w*)", lines[i])
+        if not fence:
+            i += 1
+            continue
+        end = lines.index("```", i + 1)
+        reason, k = None, i - 1
+        while k >= 0 and lines[k].startswith("<!--"):
+            marker = re.fullmatch(r"<!-- not-run: (.*) -->", lines[k])
+            reason = marker.group(1).strip() if marker else reason
+            k -= 1
+        if fence.group(1) in ("bash", "python"):
+            blocks.append(Block(fence.group(1), "\n".join(lines[i + 1 : end]) + "\n", i + 1, reason))
+        i = end + 1
+    return blocks
+
+
+def test_every_block_runs_here_or_says_why_not():
+    blocks = readme_blocks()
+    assert len(blocks) >= 20
+    for block in blocks:
+        assert block.reason is None or len(block.reason) > 10, f"README.md:{block.line}: give a reason"
+    run = [(b.lang, b.line) for b in blocks if b.reason is None]
+    assert sum(lang == "python" for lang, _ in run) >= 3 and sum(lang == "bash" for lang, _ in run) >= 1, run
+
+
+def substitute(code: str, replacements: dict[str, str]) -> str:
+    """``code`` with each key replaced (model folders → the tiny pipeline and so on)."""
+    for old, new in replacements.items():
+        code = code.replace(old, new)
+    return code
+
+
+def test_unmarked_python_blocks_run(tiny_pipeline_dir, tmp_path, monkeypatch):
+    """In README order, in one namespace, as a reader pastes them into one session."""
+    from instaflow_jax.testing import write_synthetic_triplets
+
+    monkeypatch.chdir(tmp_path)
+    triplets = write_synthetic_triplets(str(tmp_path / "triplets"), num_samples=64, shard_size=32)
+    replacements = {
+        '"instaflow-0.9B"': repr(tiny_pipeline_dir),
+        '"2-rf"': repr(tiny_pipeline_dir),
+        'dtype="bfloat16"': 'dtype="float32"',  # CPU: the programs the other tests compiled
+        '"triplets/sd15"': repr(triplets),
+        "    ...  # a train step": "    break",
+    }
+    namespace: dict = {}
+    for block in readme_blocks():
+        if block.lang == "python" and block.reason is None:
+            code = compile(substitute(block.code, replacements), f"README.md:{block.line}", "exec")
+            exec(code, namespace)
+    # What the blocks promise, checked against numbers computed here.
+    pipe = namespace["pipe"]
+    native = pipe.native_size
+    assert native == (pipe.unet.config.sample_size * pipe.vae_scale_factor,) * 2
+    assert namespace["images"].shape[1:] == (*native, 3)
+    h, w = native[0] // pipe.vae_scale_factor, native[1] // pipe.vae_scale_factor
+    assert namespace["latents"].shape == (1, pipe.latent_channels, h, w)
+    assert namespace["x1"].shape == namespace["x4"].shape == (1, h, w, pipe.latent_channels)
+    assert float(namespace["s"]) >= 0.0
+    assert namespace["batch"]["x1"].shape == (64, 8, 8, 4)
+
+
+def test_unmarked_shell_blocks_run(tmp_path, monkeypatch):
+    """The CLIs in-process (fast), anything else through bash; offline, in a fresh cache."""
+    from instaflow_jax.cli import generate, interpolate
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    in_process = {"instaflow-generate": generate.main, "instaflow-interpolate": interpolate.main}
+    commands = [c for b in readme_blocks() if b.lang == "bash" and b.reason is None for c in commands_of(b)]
+    assert commands
+    for command in commands:
+        words = shlex.split(command)
+        if words[0] in in_process:
+            assert in_process[words[0]](words[1:]) == 0, command
+        else:
+            done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, (command, done.stderr)
+    # The smoke test: four 64×64 images side by side, 2-pixel gaps; the pipeline in the user cache.
+    assert Image.open("smoke.png").size == (4 * 66 - 2, 64)
+    assert os.path.isfile(tmp_path / "cache" / "instaflow_jax" / "tiny_random" / "model_index.json")
+
+
+def commands_of(block: Block) -> list[str]:
+    """Shell commands of one block (continuations joined, comments dropped)."""
+    return split_commands(block.code)

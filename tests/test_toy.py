@@ -116,9 +116,8 @@ def test_teacher_flow_of_a_point_mass_is_straight_in_rectified_flow_coordinates(
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("toy") / "run")
-    return workdir, toy.run_toy(get_config("tiny"), workdir)
+def tiny_run(tiny_toy_run):
+    return tiny_toy_run  # run once per session (conftest): the notebook test resumes it too
 
 
 def test_tiny_reproduction_writes_every_stage(tiny_run):
@@ -179,6 +178,23 @@ def test_toy_command_line(tiny_run):
     assert "## The paper's claims" in done.stdout
     bad = subprocess.run(command + ["--config.teacher.stepz=1"], capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "stepz" in bad.stderr
+
+
+def test_train_your_own_notebook_resumes_the_tiny_run(tiny_run, tmp_path):
+    """Every cell of colab/train_your_own.ipynb runs. It resumes this session's finished tiny run
+    (its stages were run from scratch and checked above; resuming is also what a Colab user does
+    after a disconnect): every stage is skipped and the summary is written again."""
+    import shutil
+
+    from test_notebooks import run_notebook
+
+    finished, _ = tiny_run
+    workdir = tmp_path / "runs" / "toy"
+    shutil.copytree(finished, workdir)
+    os.remove(workdir / "summary.md")
+    done = run_notebook("train_your_own.ipynb", tmp_path)
+    assert done.stdout.count("finished earlier, skipped") == len(toy.STAGES), done.stdout[-2000:]
+    assert "## The paper's claims" in (workdir / "summary.md").read_text()
 
 
 def test_toy_controls_summary_is_mean_and_sample_std_over_seeds():

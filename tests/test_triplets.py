@@ -197,7 +197,7 @@ def test_corrupted_and_truncated_shards_are_detected(reference, tiny_pipeline_di
         f.truncate(300)
     with pytest.raises(ShardError, match=r"shard-000002.safetensors.*truncated"):
         TripletDataset(folder)
-    generate_triplets(job(tiny_pipeline_dir, prompt_file, folder))  # rebuilds both
+    generate_triplets(job(tiny_pipeline_dir, prompt_file, folder, verify="full"))  # rebuilds both
     assert folder_bytes(folder) == folder_bytes(reference)
 
 

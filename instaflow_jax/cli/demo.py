@@ -9,7 +9,7 @@ import argparse
 import importlib.util
 import sys
 
-from instaflow_jax.cli.common import TINY_RANDOM, resolve_dtype, run_cli
+from instaflow_jax.cli.common import TINY_RANDOM, plain_text, resolve_dtype, run_cli
 from instaflow_jax.demo.engine import DEFAULT_MODEL2_GUIDANCE, DEFAULT_MODEL2_STEPS, parse_size
 from instaflow_jax.precision import parse_dtype
 
@@ -17,7 +17,7 @@ from instaflow_jax.precision import parse_dtype
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="instaflow-demo",
-        description=__doc__.split("\n")[0],
+        description=plain_text(__doc__),
         epilog="Every size, image count and step count the page offers is compiled before the server "
         "starts, so no click waits for a compile; the persistent XLA cache makes later starts fast.",
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from instaflow_jax.cli.common import run_cli
+from instaflow_jax.cli.common import plain_text, run_cli
 from instaflow_jax.transfer import transfer
 
 _DESCRIPTIONS = {
@@ -18,7 +18,7 @@ _DESCRIPTIONS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="instaflow-transfer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="instaflow-transfer", description=plain_text(__doc__))
     parser.add_argument(
         "--base", required=True, help="the SD 1.5 diffusers folder the fine-tune started from."
     )
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    print(f"writing {args.out}: {args.target} + {args.scale:g}·({args.finetuned} − {args.base})", flush=True)
     report = transfer(args.base, args.finetuned, args.target, args.out, args.scale)
     for name, action in report.actions.items():
         print(f"{name}: {_DESCRIPTIONS[action]} (max |finetuned − base| = {report.max_abs_delta[name]:.3g})")

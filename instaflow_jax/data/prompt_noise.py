@@ -6,12 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from instaflow_jax.sampling.noise import noise_for_indices
-
 
 class PromptNoiseDataset:
     """Sample ``i`` = (prompt ``i``, X0 = noise of ``fold_in(key(seed), i)``), like a triplet
-    dataset without X1. ``read`` returns ``x0`` float32 [k, h, w, C], ``prompt`` and ``index``."""
+    dataset without X1. ``read`` returns ``prompt`` (k strings) and ``index`` (int64 [k]); X0 is
+    drawn from ``seed`` and the index inside the jitted step (``loader.add_initial_noise``)."""
 
     def __init__(self, prompts: list[str], seed: int, latent_shape: tuple[int, int, int]):
         if not prompts:
@@ -25,8 +24,4 @@ class PromptNoiseDataset:
 
     def read(self, indices: np.ndarray) -> dict[str, Any]:
         indices = np.asarray(indices, np.int64)
-        return {
-            "x0": np.asarray(noise_for_indices(self.seed, indices, self.latent_shape)),
-            "index": indices,
-            "prompt": [self.prompts[i] for i in indices],
-        }
+        return {"index": indices, "prompt": [self.prompts[i] for i in indices]}

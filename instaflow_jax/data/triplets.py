@@ -122,17 +122,30 @@ def list_complete_shards(folder: epath.Path, checksum: bool = True) -> dict[int,
 
 
 class TripletDataset:
-    """Random access to a finished triplet dataset.
+    """Random access to a finished triplet dataset (a Grain ``RandomAccessDataSource``).
 
     ``read(indices)`` returns ``x0``, ``x1`` (float32 [k, h, w, C], NHWC, model-scale latents),
-    ``index`` (int64 [k]) and ``prompt`` (list of k strings). The manifest's and every sidecar's
-    own checksum are verified on open (format v2). ``verify="checksum"`` also hashes every shard
-    and checks its indices and that every row is finite (slow on big datasets); ``"size"``
-    (default) checks sizes, and every row read is still checked against its CRC32 and for NaN/inf.
+    ``index`` (int64 [k]) and ``prompt`` (list of k strings); ``dataset[i]`` is sample ``i`` alone
+    (``x0``, ``x1`` [h, w, C], ``index``, ``prompt``). X0 is read when stored, else regenerated
+    from (seed, index) on the host. For the trainer, ``regenerate_x0=False`` leaves it out (the
+    step draws it on device, ``loader.add_initial_noise``) and ``as_float32=False`` keeps the
+    stored dtypes (float16 X1 for SD: half the bytes to copy, cast on device).
+
+    The manifest's and every sidecar's own checksum are verified on open (format v2).
+    ``verify="checksum"`` also hashes every shard and checks its indices and that every row is
+    finite (slow on big datasets); ``"size"`` (default) checks sizes, and every row read is still
+    checked against its CRC32 and for NaN/inf.
     """
 
-    def __init__(self, folder: str | epath.Path, verify: str = "size"):
+    def __init__(
+        self,
+        folder: str | epath.Path,
+        verify: str = "size",
+        regenerate_x0: bool = True,
+        as_float32: bool = True,
+    ):
         self.folder = epath.Path(folder)
+        self.regenerate_x0, self.as_float32 = regenerate_x0, as_float32
         self.manifest = read_manifest(self.folder)
         self.plan = ShardPlan(self.manifest["num_samples"], self.manifest["shard_size"])
         checksummed = self.manifest["version"] >= 2
@@ -169,6 +182,14 @@ class TripletDataset:
     def __len__(self) -> int:
         return self.plan.num_samples
 
+    @property
+    def stores_x0(self) -> bool:
+        return bool(self.manifest["store_x0"])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        batch = self.read(np.array([index]))
+        return {name: value[0] for name, value in batch.items()}
+
     def _reader(self, shard: int) -> ShardReader:
         if shard not in self._readers:
             self._readers[shard] = ShardReader(self.folder, self.sidecars[shard])
@@ -179,16 +200,16 @@ class TripletDataset:
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sample indices must lie in [0, {len(self)}).")
         shards, rows = np.divmod(indices, self.plan.shard_size)
-        parts: dict[str, list] = {}
-        order = []
+        out: dict[str, Any] = {}
         for shard in np.unique(shards):
             where = np.flatnonzero(shards == shard)
             for name, value in self._reader(int(shard)).read_rows(rows[where]).items():
-                parts.setdefault(name, []).append(value)
-            order.append(where)
-        inverse = np.argsort(np.concatenate(order)) if order else np.zeros(0, np.int64)
-        out = {name: np.concatenate(values)[inverse].astype(np.float32) for name, values in parts.items()}
-        if "x0" not in out:
+                if name not in out:
+                    out[name] = np.empty((len(indices), *value.shape[1:]), value.dtype)
+                out[name][where] = value
+        if self.as_float32:
+            out = {name: value.astype(np.float32, copy=False) for name, value in out.items()}
+        if "x0" not in out and self.regenerate_x0:
             out["x0"] = np.asarray(noise_for_indices(self.manifest["seed"], indices, self.latent_shape))
         out["index"] = indices
         out["prompt"] = [self.prompts[i] for i in indices]

@@ -65,8 +65,7 @@ class DemoModel:
     @property
     def native_size(self) -> tuple[int, int]:
         """(height, width) the UNet was trained at: ``unet sample_size × 8`` (512×512 for SD 1.5)."""
-        side = int(self.pipeline.unet.config.sample_size) * self.pipeline.vae_scale_factor
-        return side, side
+        return self.pipeline.native_size
 
     def guidance_values(self) -> tuple[float, ...]:
         """One scale per compiled CFG variant: off only, or off (g = 1) and on (g > 1)."""

@@ -76,7 +76,7 @@ def _train(cfg: Any, workdir: str, name: str, stage: Any, **job: Any) -> dict[st
         "dtype": cfg.dtype,
         "seed": cfg.seed,
         "log_every": max(1, steps // 20),
-        "checkpoint_every": max(1, steps // 4),
+        "checkpoint_every": max(1, steps // cfg.checkpoints_per_stage),
         "keep_checkpoints": 1,
         "sample": {"every": 0},
         **job,
@@ -360,6 +360,8 @@ def expand_variant(argv: list[str], config_file: str) -> list[str]:
             out.append(f"--config={config_file}:{arg.split('=', 1)[1]}")
         else:
             out.append(arg)
+    if take:  # "--variant" last, without a value: absl says so
+        out.append("--variant")
     return out
 
 
@@ -382,6 +384,7 @@ def run() -> None:
 
     def main(argv: list[str]) -> None:
         quiet_logs()
+        print(f"run folder: {os.path.abspath(workdir.value)} (summary.md, eval/, one folder per stage)")
         try:
             run_toy(config.value, workdir.value)
         except USER_ERRORS as err:

@@ -14,6 +14,8 @@ def get_config(variant: str = "") -> ConfigDict:
     config.seed = 0
     config.image_size = 16
     config.dtype = "float32"  # CPU; "bfloat16" on accelerators
+    # Each training stage saves this many checkpoints (resume points), the last at its final step.
+    config.checkpoints_per_stage = 4
     # Reflow and direct distillation start from the ε-teacher with its output layer negated
     # (v ≈ −ε̂): with a few hundred steps, starting from +ε̂ stalls (see docs/toy_results.md).
     config.init_output_sign = -1
@@ -62,6 +64,7 @@ def get_config(variant: str = "") -> ConfigDict:
 
     if variant == "tiny":
         config.model.widths = (16, 32)
+        config.checkpoints_per_stage = 1  # 10-step stages: a resume point costs more than a restart
         config.teacher.steps, config.teacher.solver_steps = 20, 4
         config.triplets.num, config.triplets.batch, config.triplets.shard_size = 32, 16, 16
         config.reflow.steps, config.reflow.euler_steps = 10, 4

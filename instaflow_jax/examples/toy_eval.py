@@ -21,8 +21,8 @@ import scipy.linalg
 import instaflow_jax
 from instaflow_jax.examples.toy_classifier import features_and_predictions, load_or_train
 from instaflow_jax.examples.toy_data import ToyShapes
+from instaflow_jax.examples.toy_figures import plot_quality_vs_steps, plot_samples, plot_straightness
 from instaflow_jax.generation import encode_text
-from instaflow_jax.images import make_grid
 from instaflow_jax.sampling import (
     DPMSolverSchedule,
     dpm_solver_trajectory,
@@ -170,11 +170,6 @@ def write_report(
     out: str, results: dict[str, Any], prompts: list[str], grids: dict[str, np.ndarray], real: np.ndarray
 ) -> None:
     """results.md (table) and the figures: samples.png, quality_vs_steps.png, straightness.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     lines = [
         "| model | steps | guidance | FID (classifier features) ↓ | prompt accuracy ↑ |",
         "|---|---|---|---|---|",
@@ -194,73 +189,7 @@ def write_report(
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
-    rows = {"real": real, **grids}
-    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * len(prompts) + 2, 1.25 * len(rows)), squeeze=False)
-    for ax, (label, images) in zip(axes[:, 0], rows.items()):
-        ax.imshow(make_grid(images, columns=len(images), pad=1), interpolation="nearest")
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0, 0].set_title(" | ".join(p.replace("a ", "", 1) for p in prompts), fontsize=5)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "samples.png"), dpi=150)
-    plt.close(fig)
-
+    rows = {"real images": real, **grids}
+    plot_samples(prompts, rows, os.path.join(out, "samples.png"))
     plot_quality_vs_steps(results, os.path.join(out, "quality_vs_steps.png"))
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    names = list(flows)
-    left.bar(names, [flows[n]["straightness"] for n in names], color=["tab:blue", "tab:orange"])
-    left.set_title("straightness S (lower = straighter)")
-    for name in names:
-        times = np.asarray(flows[name]["times"])
-        right.plot(times[1:-1], flows[name]["velocity_change"], marker=".", label=name)
-    right.set_yscale("log")
-    right.set_xlabel("t (0 = noise, 1 = image)")
-    right.set_title("per-step velocity change")
-    right.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "straightness.png"), dpi=120)
-    plt.close(fig)
-
-
-def plot_quality_vs_steps(results: dict[str, Any], path: str) -> None:
-    """FID against sampling steps per flow, distilled students as stars, the real-data floor dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    # A distilled student shares its colour with the flow its targets came from.
-    colours = {
-        "teacher": "tab:blue",
-        "direct distill": "tab:blue",
-        "2rf": "tab:orange",
-        "2rf+distill": "tab:orange",
-    }
-    for name in ("teacher", "2rf"):
-        points = sorted((r["steps"], r["fid"]) for r in results["rows"] if r["model"] == name)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name, color=colours[name])
-    for row in results["rows"]:
-        if row["model"] not in ("teacher", "2rf", "real images"):
-            ax.scatter(
-                [1],
-                [row["fid"]],
-                marker="*",
-                s=110,
-                label=f"{row['model']} (1 step)",
-                zorder=3,
-                color=colours.get(row["model"], "tab:green"),
-                edgecolors="black",
-            )
-    real = [r["fid"] for r in results["rows"] if r["model"] == "real images"]
-    if real:
-        ax.axhline(real[0], color="gray", linestyle="--", linewidth=1, label="real vs real (floor)")
-    ax.set_xscale("log")
-    ax.set_xlabel("sampling steps")
-    ax.set_ylabel("FID (classifier features)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    plot_straightness(flows, os.path.join(out, "straightness.png"))

@@ -10,11 +10,10 @@ import sys
 
 
 def quiet_logs() -> None:
-    """absl INFO logs (orbax writes a dozen lines per checkpoint) only when asked with --verbosity."""
-    from absl import logging
+    """Third-party log noise off (``cli.common.quiet_third_party``); absl INFO with --verbosity."""
+    from instaflow_jax.cli.common import quiet_third_party
 
-    if not any(arg.startswith(("--verbosity", "-v")) for arg in sys.argv[1:]):
-        logging.set_verbosity(logging.WARNING)
+    quiet_third_party()
 
 
 def run() -> None:
@@ -33,6 +32,7 @@ def run() -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         quiet_logs()
+        print(f"run folder: {workdir.value} (checkpoints/, metrics.jsonl, samples/, export/)", flush=True)
         from instaflow_jax.parallel import ProcessBarrierTimeout
         from instaflow_jax.train.trainer import train_and_evaluate
 

@@ -1,7 +1,9 @@
 """Checkpoints with orbax ``CheckpointManager``: async, keep-N, sharded restore, verified.
 
-A checkpoint holds the train state (step, params, EMA, optimizer state) and JSON metadata: the
-training config, the data position (global batches consumed) and a fingerprint of every array
+A checkpoint holds the train state (step, params, EMA, optimizer state), the data iterator's
+state (item ``data``, JSON: the Grain iterator's position and what fixes the sample order, the
+same on every process, so one copy serves any process count) and JSON metadata: the training
+config, the data position (global batches consumed) and a fingerprint of every array
 of the state (two 32-bit position-weighted sums of its bits, computed on device). Restoring
 recomputes the fingerprints, so flipped bytes in a data file are caught; a checkpoint that is
 damaged in any way (bad fingerprint, truncated or missing files, broken metadata) is moved to
@@ -117,9 +119,16 @@ class Checkpointer:
         """True at the step all processes agreed to save at after a preemption notice."""
         return bool(self.manager.reached_preemption(step))
 
-    def save(self, step: int, state: Any, config: dict[str, Any], force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        config: dict[str, Any],
+        force: bool = False,
+        data: dict[str, Any] | None = None,
+    ) -> bool:
         """Start an async save at ``step`` when the policy says so (interval or preemption) or
-        when forced. Returns whether a save started."""
+        when forced; ``data`` is the data iterator's state (JSON). Returns whether a save started."""
         if step in self.manager.all_steps():
             return False
         if not force and not self.manager.should_save(step):
@@ -131,24 +140,24 @@ class Checkpointer:
             "jax": jax.__version__,
             "fingerprint": tree_fingerprint(state),
         }
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data is not None:
+            items["data"] = ocp.args.JsonSave(data)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """State restored into ``abstract_state``'s shapes, dtypes and shardings, and the metadata.
+        """State restored into ``abstract_state``'s shapes, dtypes and shardings, and the metadata
+        (with the data iterator's state under ``"data"`` when the checkpoint holds one).
 
         Raises ``CheckpointError`` when the arrays' fingerprints differ from the saved ones.
         """
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
-        state, meta = restored["state"], restored["meta"]
+        items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+        if os.path.isdir(os.path.join(self.directory, str(step), "data")):  # absent before Grain
+            items["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        state, meta = restored["state"], dict(restored["meta"])
+        if "data" in items:
+            meta["data"] = restored["data"]
         saved = meta.get("fingerprint")
         if saved is None:
             _warn(
@@ -160,6 +169,14 @@ class Checkpointer:
         if bad:
             raise CheckpointError(f"{len(bad)} array(s) differ from their saved fingerprint, e.g. {bad[0]}")
         return state, meta
+
+    def all_steps(self) -> list[int]:
+        """The saved steps, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        """The JSON metadata of checkpoint ``step`` (config, data position, fingerprints) alone."""
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any], int] | None:
         """The newest checkpoint that restores and verifies: (state, metadata, step), or None

@@ -92,6 +92,16 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ProfileConfig:
+    """A ``jax.profiler`` trace of steps [start_step, start_step + num_steps) written by process 0
+    under ``workdir/tensorboard/plugins/profile/`` (TensorBoard's Profile tab; also a Perfetto
+    ``*.trace.json.gz``). ``num_steps`` 0 = no trace."""
+
+    start_step: int = 10  # optimizer steps done before the trace starts (skip compile and warm-up)
+    num_steps: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     objective: str = "reflow"
     init_from: str = ""  # pipeline folder: student UNet init, frozen text encoder and VAE
@@ -130,6 +140,7 @@ class TrainConfig:
     sample: SampleConfig = dataclasses.field(default_factory=SampleConfig)
     export_ema: bool = True  # export the EMA (else raw) UNet at the end
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    profile: ProfileConfig = dataclasses.field(default_factory=ProfileConfig)
 
     # Keys that may change when a run is resumed (everything else must match the checkpoint).
     RESUMABLE_CHANGES = (
@@ -140,6 +151,7 @@ class TrainConfig:
         "sample",
         "distributed",
         "attention",
+        "profile",
     )
 
     @classmethod
@@ -210,6 +222,8 @@ class TrainConfig:
                 "finite, ≥ 0",
             ),
             ("sample.every", s.every, s.every >= 0, "≥ 0 (0 = never)"),
+            ("profile.start_step", self.profile.start_step, self.profile.start_step >= 0, "≥ 0"),
+            ("profile.num_steps", self.profile.num_steps, self.profile.num_steps >= 0, "≥ 0 (0 = off)"),
             ("sample.num_steps", s.num_steps, s.num_steps >= 1, "≥ 1"),
             ("sample.guidance_scale", s.guidance_scale, _finite_nonneg(s.guidance_scale), "finite, ≥ 0"),
             (

@@ -13,19 +13,21 @@ import dataclasses
 import functools
 import math
 import os
+import sys
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from instaflow_jax.config_utils import to_plain
 from instaflow_jax.conventions import latent_shape
 from instaflow_jax.data.images import make_image_dataset
-from instaflow_jax.data.loader import ShuffledLoader
+from instaflow_jax.data.loader import ShuffledLoader, add_initial_noise
 from instaflow_jax.data.prompt_noise import PromptNoiseDataset
 from instaflow_jax.data.prompts import load_prompts
 from instaflow_jax.data.triplets import TripletDataset
@@ -43,6 +45,8 @@ from instaflow_jax.parallel import (
     replicated,
     tree_shardings,
 )
+from instaflow_jax.phases import Phase, phase
+from instaflow_jax.progress import progress_bar
 from instaflow_jax.sampling.noise import noise_for_indices
 from instaflow_jax.text import tokenize
 from instaflow_jax.train.checkpoint import Checkpointer, config_differences
@@ -52,6 +56,7 @@ from instaflow_jax.train.metrics import MetricsWriter, plot_metrics
 from instaflow_jax.train.objectives import make_objective
 from instaflow_jax.train.preemption import PreemptionWatch
 from instaflow_jax.train.state import TrainState, create_state, make_optimizer, train_step
+from instaflow_jax.train.tensorboard import TensorBoardWriter, compiled_flops, peak_flops, utilization
 from instaflow_jax.weights.folder import load_component
 from instaflow_jax.weights.pipeline_folder import load_pipeline_parts
 
@@ -121,23 +126,43 @@ def _frozen(cfg: TrainConfig, parts: dict[str, Any]) -> tuple[dict[str, Any], An
     return frozen, lpips_module
 
 
-def _dataset(cfg: TrainConfig, shape: tuple[int, int, int]) -> Any:
+def _dataset(cfg: TrainConfig, shape: tuple[int, int, int]) -> tuple[Any, int | None]:
+    """The dataset, and the seed X0 is drawn from on device (None: X0 is stored, or unused)."""
     if cfg.data.kind == "triplets":
-        dataset = TripletDataset(cfg.data.path)
+        dataset = TripletDataset(cfg.data.path, regenerate_x0=False, as_float32=False)
         if dataset.latent_shape != shape:
             raise ValueError(
                 f"{cfg.data.path} holds latents {dataset.latent_shape}, the config implies {shape}."
             )
-        return dataset
+        return dataset, None if dataset.stores_x0 else dataset.manifest["seed"]
     if cfg.data.kind == "prompts":
-        return PromptNoiseDataset(load_prompts(cfg.data.prompts), cfg.data.seed, shape)
-    return make_image_dataset(cfg.data.images, cfg.data.num_images, cfg.data.seed, cfg.height, cfg.width)
+        return PromptNoiseDataset(load_prompts(cfg.data.prompts), cfg.data.seed, shape), cfg.data.seed
+    images = make_image_dataset(cfg.data.images, cfg.data.num_images, cfg.data.seed, cfg.height, cfg.width)
+    return images, None
 
 
-def _to_device_batch(local: dict[str, Any], tokenizer: Any, mesh: Any) -> dict[str, jax.Array]:
+def _host_batch(local: dict[str, Any], tokenizer: Any, lock: threading.Lock) -> dict[str, np.ndarray]:
+    """A read batch → the step's host arrays (in the loader's threads): ``x0``/``x1``/``images``
+    as read, ``ids`` int32 [k, 77] and ``index`` uint32 [k], from which X0 is drawn on device."""
     arrays = {k: v for k, v in local.items() if k in ("x0", "x1", "images")}
-    arrays["ids"] = tokenize(tokenizer, local["prompt"])
-    return global_batch(arrays, mesh)
+    with lock:  # a tokenizers-backed tokenizer must not be called from two threads at once
+        arrays["ids"] = tokenize(tokenizer, local["prompt"])
+    if "index" in local:
+        arrays["index"] = np.asarray(local["index"], np.uint32)
+    return arrays
+
+
+def _on_device(step: Callable, seed: int | None, shape: tuple[int, int, int]) -> Callable:
+    """``step(state, frozen, batch)`` that first casts ``x0``/``x1`` (stored dtype) to float32
+    and, when ``seed`` is set, adds X0 float32 [B, *shape] drawn from ``batch["index"]``."""
+
+    def prepared(state: Any, frozen: Any, batch: dict[str, jax.Array]) -> Any:
+        batch = {k: v.astype(jnp.float32) if k in ("x0", "x1") else v for k, v in batch.items()}
+        if seed is not None:
+            batch = add_initial_noise(batch, seed, shape)
+        return step(state, frozen, batch)
+
+    return prepared
 
 
 def _sampler(
@@ -191,22 +216,29 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     lead = jax.process_index() == 0
     enable_compilation_cache()
     # ---------------------------------------------------------------- models
-    parts = _models(cfg)
+    with phase(f"loading models from {cfg.init_from}", lead):
+        parts = _models(cfg)
     modules, tokenizer = parts["modules"], parts["tokenizer"]
     vae = modules["vae"]
     shape = latent_shape(1, cfg.height, cfg.width, vae.config.latent_channels, vae.config.downsample_factor)[
         1:
     ]
-    frozen_host, lpips_module = _frozen(cfg, parts)
+    distill = cfg.objective in ("distill", "direct_distill")
+    extras = [name for name, on in (("teacher", cfg.teacher.model), ("LPIPS", cfg.loss == "lpips")) if on]
+    with phase(f"loading {' and '.join(extras)}", lead and distill and bool(extras)):
+        frozen_host, lpips_module = _frozen(cfg, parts)
     loss_fn = make_objective(cfg, modules, parts["scheduler_config"], lpips_module)
     # ---------------------------------------------------------------- input
+    dataset, noise_seed = _dataset(cfg, shape)
     loader = ShuffledLoader(
-        _dataset(cfg, shape),
+        dataset,
         cfg.batch_size,
         seed=cfg.data.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        transform=functools.partial(_host_batch, tokenizer=tokenizer, lock=threading.Lock()),
     )
+    batches = loader.iterator()
     if cfg.batch_size % mesh.size:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {mesh.size} devices.")
     # ---------------------------------------------------------------- state and shardings
@@ -224,7 +256,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
     )
-    restored = checkpointer.restore_latest(target)
+    with phase("restoring the latest checkpoint", lead and checkpointer.latest_step() is not None):
+        restored = checkpointer.restore_latest(target)
     if restored is None:
         unet_params = place(parts["params"]["unet"], tree_shardings(parts["params"]["unet"], mesh, cfg.fsdp))
         state = jax.jit(functools.partial(create_state, optimizer=optimizer), out_shardings=state_shardings)(
@@ -236,71 +269,117 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
         differences = config_differences(meta["config"], plain_config, TrainConfig.RESUMABLE_CHANGES)
         if differences:
             raise ValueError(f"{workdir} was trained with another config: " + "; ".join(differences) + ".")
+        if "data" in meta:
+            loader.restore(batches, meta["data"])
+        else:
+            loader.start_at(batches, start)
+            if lead:
+                print(
+                    f"warning: checkpoint step {start} holds no data-iterator state (written before the "
+                    "Grain input pipeline): the sample order from here on differs from the first part's.",
+                    file=sys.stderr,
+                    flush=True,
+                )
     del parts["params"]["unet"]
     # ---------------------------------------------------------------- compile
     step_fn = jax.jit(
-        functools.partial(
-            train_step,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            schedule=schedule,
-            ema_decay=cfg.ema_decay,
-            grad_accum=cfg.grad_accum,
-            seed=cfg.seed,
+        _on_device(
+            functools.partial(
+                train_step,
+                loss_fn=loss_fn,
+                optimizer=optimizer,
+                schedule=schedule,
+                ema_decay=cfg.ema_decay,
+                grad_accum=cfg.grad_accum,
+                seed=cfg.seed,
+            ),
+            noise_seed,
+            shape,
         ),
         in_shardings=(state_shardings, frozen_shardings, batch_sharded(mesh)),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
-    batches = loader(start)
-    _, first = next(batches)
-    first = _to_device_batch(first, tokenizer, mesh)
-    compile_start = time.perf_counter()
+    first = global_batch(next(batches), mesh)
+    compiling = Phase("compiling train step", lead)
     compiled = step_fn.lower(state, frozen, first).compile()
-    sample = _sampler(cfg, parts, shape, state.ema_params, frozen) if cfg.sample.every > 0 else None
-    compile_s = time.perf_counter() - compile_start
+    compile_s = compiling.done()
+    flops, peak = compiled_flops(compiled), peak_flops(jax.devices()[0].device_kind)
+    with phase("compiling sampler", lead and cfg.sample.every > 0) as compiling:
+        sample = _sampler(cfg, parts, shape, state.ema_params, frozen) if cfg.sample.every > 0 else None
+    compile_s += compiling.seconds
     # The first collective runs next: processes that compiled at different speeds meet here.
     barrier("compiled", d.barrier_timeout_s)
     # ---------------------------------------------------------------- loop
     writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
+    board = TensorBoardWriter(os.path.join(workdir, "tensorboard"), enabled=lead, resume_step=start)
+    board.hparams(plain_config)
+    profile = cfg.profile
+    trace_end = profile.start_step + profile.num_steps if lead and profile.num_steps else -1
     losses: dict[int, float] = {}
-    progress = tqdm(total=cfg.num_steps, initial=start, unit="step", disable=not lead, desc="train")
-    pending, tick, tick_step = None, time.perf_counter(), start
+    progress = progress_bar(total=cfg.num_steps, initial=start, unit="step", disable=not lead, desc="train")
+    # step_time counts train steps only: the seconds spent since the last log sampling,
+    # checkpointing or writing a trace (``side``, each timed after waiting for the step it follows)
+    # are taken out, and logged as sample_s, checkpoint_s and trace_s.
+    pending, tick, tick_step, side, tracing = None, time.perf_counter(), start, {}, False
     step, batch, preempted = start, first, False
     with PreemptionWatch(checkpointer) as preemption:
         while step < cfg.num_steps:
+            if step == trace_end - profile.num_steps:
+                trace_start = time.perf_counter()
+                jax.profiler.start_trace(os.path.join(workdir, "tensorboard"), create_perfetto_trace=True)
+                side["trace_s"], tracing = time.perf_counter() - trace_start, True
             state, metrics = compiled(state, frozen, batch)
             if pending is not None:
                 _check_finite(*pending, checkpointer)
             pending = (step, metrics)
             done = step + 1
+            values = None
             if done % cfg.log_every == 0 or done == cfg.num_steps:
-                values = {k: local_value(v) for k, v in metrics.items()}
+                values = {k: local_value(v) for k, v in metrics.items()}  # waits for the step
                 _check_finite(step, values, checkpointer)
-                elapsed = time.perf_counter() - tick
+                elapsed = time.perf_counter() - tick - sum(side.values())
                 values["step_time"] = elapsed / max(done - tick_step, 1)
                 values["images_per_s"] = cfg.batch_size / values["step_time"]
-                values["compile_time"] = compile_s
-                tick, tick_step = time.perf_counter(), done
+                values.update(utilization(flops, values["step_time"], peak))
+                values["compile_s"] = compile_s  # train step + sampler, once at start-up
                 losses[done] = values["loss"]
-                writer.write(done, values)
                 progress.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
+            if tracing and done in (trace_end, cfg.num_steps):
+                side["trace_s"] = side.get("trace_s", 0.0) + _stop_trace(state)
+                tracing = False
             preempted = preemption.should_stop(done)
             forced = done == cfg.num_steps or preempted
             if forced or done % cfg.checkpoint_every == 0:
                 _check_finite(step, metrics, checkpointer)  # never checkpoint a non-finite update
-            checkpointer.save(done, state, plain_config, force=forced)
+            save_start = time.perf_counter()
+            if checkpointer.save(done, state, plain_config, force=forced, data=loader.state(batches)):
+                side["checkpoint_s"] = side.get("checkpoint_s", 0.0) + time.perf_counter() - save_start
             progress.update(1)
             step = done
-            if preempted:
-                break
-            if sample is not None and (done % cfg.sample.every == 0 or done == cfg.num_steps):
+            sample_now = sample is not None and (done % cfg.sample.every == 0 or done == cfg.num_steps)
+            if sample_now and not preempted:
+                jax.block_until_ready(state.ema_params)  # the step's own time stays step time
+                sample_start = time.perf_counter()
                 grid = make_grid(sample(state.ema_params, frozen))
                 if lead:
                     save_png(os.path.join(workdir, "samples", f"step_{done:07d}.png"), grid)
+                    board.image(done, grid)
+                side["sample_s"] = side.get("sample_s", 0.0) + time.perf_counter() - sample_start
+            if values is not None:
+                values.update(side)
+                writer.write(done, values)
+                board.scalars(done, values)
+                tick, tick_step, side = time.perf_counter(), done, {}
+            if preempted:
+                break
             if step < cfg.num_steps:
-                batch = _to_device_batch(next(batches)[1], tokenizer, mesh)
+                batch = global_batch(next(batches), mesh)
     progress.close()
+    batches.close()  # stops Grain's read threads
+    if tracing:  # preempted inside the traced steps
+        _stop_trace(state)
+    board.close()
     checkpointer.close()
     if preempted:
         return TrainResult(state, workdir, losses, None, preempted=True, step=step)
@@ -322,6 +401,14 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
 def local_value(x: Any) -> float:
     """A replicated scalar's value from this process's own copy (works with several processes)."""
     return float(np.asarray(x.addressable_data(0))) if isinstance(x, jax.Array) else float(x)
+
+
+def _stop_trace(state: Any) -> float:
+    """Wait for the traced steps, stop the ``jax.profiler`` trace (writing it); its seconds."""
+    start = time.perf_counter()
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    return time.perf_counter() - start
 
 
 def _check_finite(step: int, metrics: Any, checkpointer: Checkpointer) -> None:
