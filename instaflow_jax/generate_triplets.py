@@ -291,7 +291,7 @@ def generate_triplets(
 ) -> epath.Path:
     """Run (or resume) a triplet job; returns the dataset folder. Process info defaults to JAX's."""
     import instaflow_jax
-    from instaflow_jax.cli.common import resolve_model
+    from instaflow_jax.weights.tiny import resolve_model
 
     job = TripletJob.from_config(config)
     if job.distributed:

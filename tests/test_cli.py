@@ -366,14 +366,14 @@ def test_absl_programs_have_a_plain_help_and_one_line_errors(tmp_path):
 def test_tiny_random_is_made_once_per_user_under_a_lock(tmp_path, monkeypatch):
     import threading
 
-    from instaflow_jax import testing
-    from instaflow_jax.cli.common import resolve_model
+    from instaflow_jax.weights import tiny
+    from instaflow_jax.weights.tiny import resolve_model
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     made = []
-    original = testing.make_tiny_pipeline
+    original = tiny.make_tiny_pipeline
     monkeypatch.setattr(
-        testing, "make_tiny_pipeline", lambda folder, seed: made.append(folder) or original(folder, seed)
+        tiny, "make_tiny_pipeline", lambda folder, seed: made.append(folder) or original(folder, seed)
     )
     results = []
     threads = [

@@ -18,8 +18,8 @@ from instaflow_jax.models import ConfigError
 from instaflow_jax.models.attention import IMPLEMENTATIONS
 from instaflow_jax.pipeline import InsufficientMemoryError
 from instaflow_jax.weights import SafetensorsError, WeightsMismatchError
+from instaflow_jax.weights.tiny import TINY_RANDOM, resolve_model
 
-TINY_RANDOM = "tiny-random"
 SIZE_HELP = "pixels, a multiple of 8 (default: the model's native size, unet sample_size × VAE factor: "
 SIZE_HELP += "512 for SD 1.5, 64 for tiny-random, 16 for the toy's exports)."
 
@@ -101,15 +101,6 @@ def check_size(args: argparse.Namespace) -> None:
                 f"--{name} {size} is impossible: image sides must be positive multiples of "
                 f"{VAE_DOWNSAMPLE} (the VAE maps 8×8 pixels to one latent)."
             )
-
-
-def resolve_model(path: str) -> str:
-    """``tiny-random`` → the per-user cached random tiny pipeline; anything else unchanged."""
-    if path != TINY_RANDOM:
-        return path
-    from instaflow_jax.testing import tiny_random_folder
-
-    return tiny_random_folder()
 
 
 def check_settings(args: argparse.Namespace, **minimums: float) -> None:

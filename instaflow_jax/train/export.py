@@ -53,13 +53,13 @@ def export_checkpoint(workdir: str, step: int, out: str, ema: bool = False) -> s
       CheckpointError: the step is damaged (its files or metadata cannot be read, or an array
         differs from its fingerprint).
     """
-    from instaflow_jax.cli.common import resolve_model
     from instaflow_jax.files import ensure_writable_folder
     from instaflow_jax.parallel import make_mesh, tree_shardings
     from instaflow_jax.train.checkpoint import Checkpointer, CheckpointError
     from instaflow_jax.train.config import TrainConfig
     from instaflow_jax.train.state import create_state, make_optimizer
     from instaflow_jax.weights.pipeline_folder import load_pipeline_parts
+    from instaflow_jax.weights.tiny import resolve_model
 
     directory = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(directory):

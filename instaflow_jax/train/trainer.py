@@ -77,7 +77,7 @@ class TrainResult:
 
 def _models(cfg: TrainConfig) -> dict[str, Any]:
     """Modules, numpy params, tokenizer and scheduler config of ``init_from`` (student init)."""
-    from instaflow_jax.cli.common import resolve_model
+    from instaflow_jax.weights.tiny import resolve_model
 
     parts = load_pipeline_parts(
         resolve_model(cfg.init_from),
@@ -110,7 +110,7 @@ def _frozen(cfg: TrainConfig, parts: dict[str, Any]) -> tuple[dict[str, Any], An
         "uncond_ids": tokenize(parts["tokenizer"], [""]),
     }
     if cfg.teacher.model and cfg.objective in ("distill", "direct_distill"):
-        from instaflow_jax.cli.common import resolve_model
+        from instaflow_jax.weights.tiny import resolve_model
 
         teacher_unet, params = load_component(os.path.join(resolve_model(cfg.teacher.model), "unet"), "unet")
         if teacher_unet.config != parts["modules"]["unet"].config:
