@@ -7,30 +7,26 @@ Variants (``--config configs/distill_sd15.py:VARIANT``):
   direct       direct distillation from SD 1.5 (the paper's baseline), on SD triplets;
   tiny         the tiny random pipeline as student and teacher, targets computed online (offline, CPU);
   tiny_lpips   the same with LPIPS (needs the LPIPS weights: lpips_weights_dir).
+The other keys are reflow's (``configs/reflow_sd15.py``; its ``tiny`` variant for the tiny ones).
 """
 
-import importlib.util
 import os
+import sys
 
 from ml_collections import ConfigDict
 
-_REFLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reflow_sd15.py")
-
-
-def _reflow_config(variant: str) -> ConfigDict:
-    spec = importlib.util.spec_from_file_location("reflow_sd15", _REFLOW)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+if (_ROOT := os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) not in sys.path:
+    sys.path.insert(0, _ROOT)  # loaded by path (--config=…) from another directory
+from configs import base, reflow_sd15
 
 
 def get_config(variant: str = "") -> ConfigDict:
+    """Stage 1 of the paper's distillation (L2), or one of the variants above."""
     tiny = variant in ("tiny", "tiny_lpips")
     # The tiny variants share reflow's tiny training settings (size, steps, optimizer, logging).
-    config = _reflow_config("tiny" if tiny else "")
+    config = reflow_sd15.get_config("tiny" if tiny else "")
     config.objective = "distill"
     config.prompt_dropout = 0.0
-    config.loss = "l2"
     config.sample.num_steps = 1
     if not tiny:
         config.init_from = "2_rectified_flow_from_sd_1_5"
@@ -49,7 +45,7 @@ def get_config(variant: str = "") -> ConfigDict:
         config.data.path = "triplets/sd15"
     elif tiny:
         config.data.kind = "prompts"
-        config.data.prompts.path = os.path.join(os.path.dirname(_REFLOW), "data", "tiny_prompts.txt")
+        config.data.prompts.path = os.path.join(base.DATA_DIR, "tiny_prompts.txt")
         config.teacher.model = "tiny-random"
         config.teacher.num_steps = 4
         if variant == "tiny_lpips":
@@ -57,7 +53,5 @@ def get_config(variant: str = "") -> ConfigDict:
             config.lpips_resize = 64
             config.lpips_weights_dir = "lpips-weights"
     elif variant:
-        raise ValueError(
-            f"unknown variant {variant!r}; expected '', 'lpips', 'direct', 'tiny' or 'tiny_lpips'."
-        )
+        raise base.unknown_variant(variant, ("", "lpips", "direct", "tiny", "tiny_lpips"))
     return config

@@ -5,81 +5,29 @@ Variants (``--config configs/reflow_sd15.py:VARIANT``):
   stage2  the paper's second phase: batch 1024 (as 16 × 64 accumulated per device group), 25k steps;
   tiny    the tiny random pipeline and the tiny triplets (make them first with
           ``python -m instaflow_jax.generate_triplets --config configs/triplets_sd15.py:tiny``).
+Every other key keeps TrainConfig's default (instaflow_jax/train/config.py), e.g. batch 64,
+AdamW lr 1e-6 with 1k warm-up steps, EMA 0.9999, bf16, 512²; override any on the command line.
 """
 
-import dataclasses
+import os
+import sys
 
 from ml_collections import ConfigDict
 
-from instaflow_jax.data.prompts import PromptSource
-from instaflow_jax.train.config import ProfileConfig, TeacherConfig
+if (_ROOT := os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) not in sys.path:
+    sys.path.insert(0, _ROOT)  # loaded by path (--config=…) from another directory
+from configs import base
 
 
 def get_config(variant: str = "") -> ConfigDict:
-    config = ConfigDict()
-    config.objective = "reflow"
+    """Stage 1 of the paper's reflow, or the ``stage2`` / ``tiny`` variant."""
+    config = base.train_defaults()
     config.init_from = "stable-diffusion-v1-5"
-    config.init_unet_from_scratch = False
-    config.data = ConfigDict(
-        {"kind": "triplets", "path": "triplets/sd15", "images": "", "num_images": 0, "seed": 0}
-    )
-    # kind: text | jsonl | csv | parquet | tfds; the other keys: PromptSource (instaflow_jax/data/prompts.py)
-    config.data.prompts = ConfigDict(dataclasses.asdict(PromptSource()))
-    # For targets computed online (distillation without stored X1); keys: train.config.TeacherConfig.
-    config.teacher = ConfigDict(dataclasses.asdict(TeacherConfig()))
-    config.height = config.width = 512
-    config.batch_size = 64
-    config.grad_accum = 1
+    config.data.path = "triplets/sd15"
     config.num_steps = 70_000
-    config.optimizer = ConfigDict(
-        {
-            "learning_rate": 1e-6,
-            "warmup_steps": 1000,
-            "schedule": "constant",
-            "final_lr_fraction": 0.0,
-            "b1": 0.9,
-            "b2": 0.999,
-            "eps": 1e-8,
-            "weight_decay": 1e-2,
-            "clip_norm": 1.0,
-        }
-    )
-    config.ema_decay = 0.9999
-    config.prompt_dropout = 0.1
-    config.t_min, config.t_max = 0.0, 1.0
-    config.loss = "l2"
-    config.lpips_weights_dir = ""
-    config.lpips_resize = 224
-    config.dtype, config.param_dtype = "bfloat16", "float32"
-    config.remat = False
-    config.attention = "auto"  # auto | xla | blockwise | cudnn | pallas_tpu (models/attention.py)
-    config.fsdp = False
-    config.seed = 0
     config.log_every = 50
     config.checkpoint_every = 1000
-    config.keep_checkpoints = 3
-    config.sample = ConfigDict(
-        {
-            "every": 2000,
-            "num_steps": 1,
-            "guidance_scale": 0.0,
-            "seed": 0,
-            "prompts": ("a photo of a cat", "a red sports car", "a bowl of fruit", "a lighthouse at dusk"),
-        }
-    )
-    config.export_ema = True
-    config.distributed = ConfigDict(
-        {
-            "enabled": False,
-            "coordinator_address": "",
-            "num_processes": 0,
-            "process_id": -1,
-            "cpu_collectives": "gloo",
-        }
-    )
-    # A jax.profiler trace of steps [start_step, start_step + num_steps) (0 = none), e.g.
-    # --config.profile.num_steps=5; keys: train.config.ProfileConfig.
-    config.profile = ConfigDict(dataclasses.asdict(ProfileConfig()))
+    config.sample.every = 2000
 
     if variant == "stage2":
         config.batch_size, config.num_steps, config.grad_accum = 1024, 25_000, 16
@@ -98,5 +46,5 @@ def get_config(variant: str = "") -> ConfigDict:
         config.sample.num_steps = 2
         config.sample.prompts = ("a small red circle at the top left", "a photo of a cat")
     elif variant:
-        raise ValueError(f"unknown variant {variant!r}; expected '', 'stage2' or 'tiny'.")
+        raise base.unknown_variant(variant, ("", "stage2", "tiny"))
     return config

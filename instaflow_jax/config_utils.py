@@ -1,7 +1,8 @@
 """Configs as data: nested frozen dataclasses built from ml_collections ConfigDicts or dicts.
 
 ``from_dict`` rejects unknown keys at any depth with the key's full path and the known keys, so a
-misspelled override fails loudly instead of being ignored.
+misspelled override fails loudly instead of being ignored. ``defaults_config`` goes the other way:
+a dataclass's defaults as a ConfigDict, the starting point of the job configs in ``configs/``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import dataclasses
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
+
+from ml_collections import ConfigDict, config_dict
 
 T = TypeVar("T")
 
@@ -53,3 +56,34 @@ def from_dict(cls: type[T], raw: Any, path: str = "") -> T:
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def defaults_config(cls: type) -> ConfigDict:
+    """The defaults of dataclass ``cls`` as a ConfigDict with the same keys (``from_dict``'s inverse).
+
+    Nested dataclasses become nested ConfigDicts and tuples stay tuples. A field without a default
+    becomes a typed placeholder (``None`` until set; a command-line override still parses) or, for
+    a dataclass-typed field, that dataclass's defaults.
+    """
+    hints = typing.get_type_hints(cls)
+    config = ConfigDict()
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            config[field.name] = _as_config_value(field.default)
+        elif field.default_factory is not dataclasses.MISSING:
+            config[field.name] = _as_config_value(field.default_factory())
+        elif dataclasses.is_dataclass(hints[field.name]):
+            config[field.name] = defaults_config(hints[field.name])
+        elif isinstance(hints[field.name], type):
+            config[field.name] = config_dict.placeholder(hints[field.name])
+        else:
+            raise TypeError(f"{cls.__name__}.{field.name} has no default and no plain type to hold.")
+    return config
+
+
+def _as_config_value(value: Any) -> Any:
+    """A dataclass instance → ConfigDict of its values (recursively); anything else as is."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = dataclasses.fields(value)
+        return ConfigDict({f.name: _as_config_value(getattr(value, f.name)) for f in fields})
+    return value

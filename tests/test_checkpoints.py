@@ -141,6 +141,26 @@ def test_fingerprints_see_any_single_change_and_ignore_sharding():
     assert tree_fingerprint(sharded) == base
 
 
+def test_fingerprints_on_host_equal_the_device_program():
+    """The numpy path (arrays already in host memory) gives the jitted program's digits."""
+    from instaflow_jax.train.checkpoint import _fingerprints, tree_fingerprint
+
+    rng = np.random.default_rng(1)
+    tree = {
+        "f32": rng.standard_normal((5, 77)).astype(np.float32),
+        "bf16": jax.numpy.asarray(rng.standard_normal((9,)), jax.numpy.bfloat16),
+        "i32": np.int32(-7),
+        "u8": rng.integers(0, 255, (13,), dtype=np.uint8),
+        "flag": np.array([True, False, True]),
+        "key": jax.random.key(3),
+    }
+    device = {
+        jax.tree_util.keystr(path): "".join(f"{int(v):08x}" for v in np.asarray(value))
+        for path, value in jax.tree_util.tree_flatten_with_path(_fingerprints(tree))[0]
+    }
+    assert tree_fingerprint(tree) == device
+
+
 def jnp_bf16():
     import ml_dtypes
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
+import sys
 
 import pytest
 
+from instaflow_jax.config_utils import defaults_config, from_dict
 from instaflow_jax.examples.toy import expand_variant
 from instaflow_jax.examples.toy_config import get_config as toy_config
 from instaflow_jax.generate_triplets import TripletJob
@@ -56,6 +60,82 @@ def test_train_configs(name, variant, objective):
         assert config.prompt_dropout == 0.1
     if variant == "lpips":
         assert config.loss == "lpips" and config.lpips_resize == 224
+
+
+def flat_keys(config) -> set[str]:
+    return {
+        f"{key}.{sub}" if sub else key
+        for key, value in config.items()
+        for sub in (flat_keys(value) if hasattr(value, "items") else [""])
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleLike:
+    every: int = 3
+
+
+def test_defaults_config_is_the_inverse_of_from_dict():
+    """configs/base.py's starting points: the dataclass defaults, nested, tuples kept."""
+    for cls in (TrainConfig, TripletJob):
+        config = defaults_config(cls)
+        assert from_dict(cls, config) == cls()
+    config = defaults_config(TrainConfig)
+    assert isinstance(config.sample.prompts, tuple) and config.data.prompts.kind == "text"
+
+    @dataclasses.dataclass(frozen=True)
+    class Required:
+        steps: int
+        sample: SampleLike
+
+    config = defaults_config(Required)
+    assert config.steps is None and config.sample.every == 3
+    config.steps = 5  # a typed placeholder: set later, e.g. by --config.steps=5
+    assert from_dict(Required, config) == Required(5, SampleLike())
+
+
+@pytest.mark.parametrize(
+    "name, variants",
+    [
+        ("triplets_sd15", ["", "2rf", "tiny", "tiny_2rf"]),
+        ("reflow_sd15", ["", "stage2", "tiny"]),
+        ("distill_sd15", ["", "lpips", "direct", "tiny", "tiny_lpips"]),
+    ],
+)
+def test_configs_have_exactly_the_dataclass_keys(name, variants):
+    """The config files start from the dataclass defaults: every key, none added or lost."""
+    cls = TripletJob if name.startswith("triplets") else TrainConfig
+    for variant in variants:
+        assert flat_keys(load_config(name, variant)) == flat_keys(defaults_config(cls))
+
+
+def test_config_files_load_by_path_from_another_directory(tmp_path):
+    """As the CLIs load them (config_flags, by path), with the repository root not on sys.path."""
+    script = """
+import json, sys
+from absl import flags
+from ml_collections import config_flags
+specs = sys.argv[1:]
+for i, spec in enumerate(specs):
+    config_flags.DEFINE_config_file(f"c{i}", spec, lock_config=True)
+flags.FLAGS(sys.argv[:1])
+import configs
+loaded = {spec: flags.FLAGS[f"c{i}"].value.to_dict() for i, spec in enumerate(specs)}
+print(json.dumps({"configs": configs.__file__, **loaded}))
+"""
+    specs = ("distill_sd15.py:tiny", "distill_sd15.py:lpips", "reflow_sd15.py", "triplets_sd15.py:tiny")
+    specs = [os.path.relpath(os.path.join(ROOT, "configs", spec), tmp_path) for spec in specs]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *specs], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    assert loaded.pop("configs") == os.path.join(ROOT, "configs", "__init__.py")
+    for spec, values in loaded.items():
+        name, _, variant = os.path.basename(spec).partition(".py")
+        expected = json.loads(json.dumps(load_config(name, variant.removeprefix(":")).to_dict()))
+        assert values == expected, spec
 
 
 def test_unknown_variants_are_refused():

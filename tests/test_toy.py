@@ -146,8 +146,37 @@ def test_tiny_reproduction_writes_every_stage(tiny_run):
     assert set(results["flows"]) == {"teacher", "2rf"}
     for figure in ("samples.png", "quality_vs_steps.png", "straightness.png"):
         assert os.path.getsize(os.path.join(workdir, "eval", figure)) > 1000, figure
+    errors = {r["model"]: r for r in results["distillation_error"]}
+    assert set(errors) == {"2rf+distill", "direct distill", "2rf", "teacher"}
+    assert all(r["teacher_steps"] == 4 and 0 < r["rmse"] < 1 for r in errors.values())
+    assert errors["2rf+distill"]["teacher"] == "2rf" and errors["direct distill"]["teacher"] == "teacher"
     summary = Path(workdir, "summary.md").read_text()
     assert "## The paper's claims" in summary and "reflow lowers straightness" in summary
+    assert f"2-RF + distill {errors['2rf+distill']['rmse']:.4f}" in summary
+
+
+def test_distillation_error_compares_each_student_with_its_own_teacher_at_most_steps():
+    from instaflow_jax.examples.toy_eval import distillation_error
+
+    shape = (6, 4, 4, 3)
+    base = np.zeros(shape, np.float32)
+    samples = {
+        ("teacher", 1): base + 0.5,
+        ("teacher", 2): base + 9.0,  # not the teacher's most steps: must not be used
+        ("teacher", 25): base,
+        ("2rf", 1): base + 0.3,
+        ("2rf", 25): base + 0.1,
+        ("2rf+distill", 1): base + 0.1 + np.where(np.arange(6) % 2, 0.2, -0.2)[:, None, None, None],
+        ("direct distill", 1): base - 0.25,
+    }
+    rows = {r["model"]: r for r in distillation_error(samples)}
+    np.testing.assert_allclose(rows["2rf+distill"]["rmse"], 0.2, rtol=1e-6)  # ±0.2 around the 2-RF
+    np.testing.assert_allclose(rows["direct distill"]["rmse"], 0.25, rtol=1e-6)
+    np.testing.assert_allclose(rows["2rf"]["rmse"], 0.2, rtol=1e-6)
+    np.testing.assert_allclose(rows["teacher"]["rmse"], 0.5, rtol=1e-6)
+    assert rows["teacher"]["teacher_steps"] == 25 and rows["2rf+distill"]["teacher"] == "2rf"
+    # A teacher evaluated at one step only has no many-step image to compare with.
+    assert distillation_error({("teacher", 1): base, ("direct distill", 1): base}) == []
 
 
 def test_resuming_a_finished_run_does_no_work(tiny_run, monkeypatch, capsys):

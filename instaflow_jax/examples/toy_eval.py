@@ -117,7 +117,7 @@ def evaluate(run_dir: str, models: dict[str, str], cfg: Any, guidance: dict[str,
             "prompt_accuracy": prompt_accuracy(real_predicted, real["labels"], real["named"]),
         }
     ]
-    grids = {}
+    grids, samples = {}, {}
     pipes = {name: instaflow_jax.load_pipeline(folder) for name, folder in models.items()}
     plan = [("teacher", s) for s in cfg.eval.teacher_steps] + [("2rf", s) for s in cfg.eval.rf_steps]
     plan += [(name, 1) for name in models if name not in ("teacher", "2rf")]
@@ -138,6 +138,7 @@ def evaluate(run_dir: str, models: dict[str, str], cfg: Any, guidance: dict[str,
             }
         )
         grids[f"{name} ({steps} step{'s' if steps > 1 else ''})"] = images[: cfg.eval.grid_prompts]
+        samples[(name, steps)] = images
         fid, accuracy = rows[-1]["fid"], rows[-1]["prompt_accuracy"]
         print(f"  {name:>14} {steps:2d} steps: FID {fid:8.3f}  prompt accuracy {accuracy:.3f}")
     flows = {}
@@ -153,6 +154,7 @@ def evaluate(run_dir: str, models: dict[str, str], cfg: Any, guidance: dict[str,
     results = {
         "rows": rows,
         "flows": flows,
+        "distillation_error": distillation_error(samples),
         "num_samples": cfg.eval.num_samples,
         "eval_seed": cfg.eval.seed,
         "straightness_samples": k,
@@ -164,6 +166,24 @@ def evaluate(run_dir: str, models: dict[str, str], cfg: Any, guidance: dict[str,
         out, results, prompts[: cfg.eval.grid_prompts], grids, real["images"][: cfg.eval.grid_prompts]
     )
     return results
+
+
+ONE_STEP_STUDENTS = {"2rf+distill": "2rf", "direct distill": "teacher", "2rf": "2rf", "teacher": "teacher"}
+
+
+def distillation_error(samples: dict[tuple[str, int], np.ndarray]) -> list[dict[str, Any]]:
+    """RMSE (pixels in [0, 1]) between each one-step model's images and its own teacher's images
+    at the most steps evaluated, from the same prompts and noises: the distillation error itself,
+    which FID to real images does not isolate. ``samples``: (model, steps) → images [N, H, W, 3]."""
+    rows = []
+    for student, teacher in ONE_STEP_STUDENTS.items():
+        many = max((s for m, s in samples if m == teacher), default=None)
+        if (student, 1) not in samples or many is None or many == 1:
+            continue
+        difference = samples[(student, 1)] - samples[(teacher, many)]
+        rmse = float(np.sqrt(np.mean(difference**2)))
+        rows.append({"model": student, "steps": 1, "teacher": teacher, "teacher_steps": many, "rmse": rmse})
+    return rows
 
 
 def write_report(
@@ -186,6 +206,12 @@ def write_report(
     flows = results["flows"]
     lines += ["", "| flow | straightness S ↓ |", "|---|---|"]
     lines += [f"| {name} | {flow['straightness']:.4f} |" for name, flow in flows.items()]
+    if results.get("distillation_error"):
+        lines += ["", "| one-step model | its teacher | RMSE to the teacher's image ↓ |", "|---|---|---|"]
+        lines += [
+            f"| {r['model']} (1 step) | {r['teacher']} ({r['teacher_steps']} steps) | {r['rmse']:.4f} |"
+            for r in results["distillation_error"]
+        ]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

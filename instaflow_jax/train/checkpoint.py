@@ -4,7 +4,7 @@ A checkpoint holds the train state (step, params, EMA, optimizer state), the dat
 state (item ``data``, JSON: the Grain iterator's position and what fixes the sample order, the
 same on every process, so one copy serves any process count) and JSON metadata: the training
 config, the data position (global batches consumed) and a fingerprint of every array
-of the state (two 32-bit position-weighted sums of its bits, computed on device). Restoring
+of the state (two 32-bit position-weighted sums of its bits). Restoring
 recomputes the fingerprints, so flipped bytes in a data file are caught; a checkpoint that is
 damaged in any way (bad fingerprint, truncated or missing files, broken metadata) is moved to
 ``<checkpoints>.damaged/`` and the next older one is tried. Restoring into the shardings of the
@@ -58,13 +58,19 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
     Any change of one element changes the first sum (its weight is odd, hence invertible mod
     2³²); several changes cancel in both only by chance (about 2⁻⁶⁴).
     """
-    bits = _leaf_bits(x)
-    i = jnp.arange(bits.shape[0], dtype=jnp.uint32)
-    w1 = (i * jnp.uint32(_MIX[0])) | jnp.uint32(1)
-    w3 = (i * jnp.uint32(_MIX[2]) + jnp.uint32(_MIX[1])) | jnp.uint32(1)
-    first = jnp.sum(bits * w1, dtype=jnp.uint32)
-    second = jnp.sum((bits ^ (i * jnp.uint32(_MIX[1]))) * w3, dtype=jnp.uint32)
-    return jnp.stack([first, second])
+    return _weighted_bit_sums(_leaf_bits(x), jnp)
+
+
+def _weighted_bit_sums(bits: Any, xp: Any) -> Any:
+    """The two sums of ``_leaf_fingerprint`` over flat uint32 ``bits``, with ``xp`` = jnp or numpy
+    (integer arithmetic mod 2³² in both, so both give the same digits)."""
+    u32 = xp.uint32
+    i = xp.arange(bits.shape[0], dtype=u32)
+    w1 = (i * u32(_MIX[0])) | u32(1)
+    w3 = (i * u32(_MIX[2]) + u32(_MIX[1])) | u32(1)
+    first = xp.sum(bits * w1, dtype=u32)
+    second = xp.sum((bits ^ (i * u32(_MIX[1]))) * w3, dtype=u32)
+    return xp.stack([first, second])
 
 
 @jax.jit
@@ -72,12 +78,39 @@ def _fingerprints(tree: Any) -> Any:
     return jax.tree.map(_leaf_fingerprint, tree)
 
 
+def _host_leaf_fingerprint(x: Any) -> np.ndarray:
+    """``_leaf_fingerprint`` in numpy (the same sums mod 2³², so the same digits)."""
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    x = np.ascontiguousarray(np.asarray(x))
+    if x.dtype == np.bool_:
+        x = x.astype(np.uint8)
+    unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]
+    return _weighted_bit_sums(x.reshape(-1).view(unsigned).astype(np.uint32), np)
+
+
+def _on_host(leaf: Any) -> bool:
+    """True for leaves whose bits are already in host memory (numpy, or fully addressable CPU
+    arrays) and at most 32 bits wide: there numpy is as fast and needs no XLA compile."""
+    if isinstance(leaf, jax.Array):
+        if not leaf.is_fully_addressable or any(d.platform != "cpu" for d in leaf.devices()):
+            return False
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return True
+    return np.dtype(getattr(leaf, "dtype", np.asarray(leaf).dtype)).itemsize <= 4
+
+
 def tree_fingerprint(tree: Any) -> dict[str, str]:
     """``{path: 16 hex digits}`` for every array leaf of ``tree`` (sharded arrays welcome).
 
-    Computed on device; only 8 bytes per leaf reach the host.
+    On accelerators (and for arrays spread over processes) computed on device, so only 8 bytes
+    per leaf reach the host; for arrays already in host memory computed in numpy (same digits).
     """
-    prints = _fingerprints(tree)
+    leaves = jax.tree.leaves(tree)
+    if leaves and all(_on_host(leaf) for leaf in leaves):
+        prints = jax.tree.map(_host_leaf_fingerprint, tree)
+    else:
+        prints = _fingerprints(tree)
     flat, _ = jax.tree_util.tree_flatten_with_path(prints)
     out = {}
     for path, value in flat:
