@@ -340,12 +340,10 @@ def generate_triplets(
 
 def run() -> None:
     """Console entry point: ``--config file.py[:variant]`` plus ``--config.key=value`` overrides."""
-    import sys
-
     from absl import app, flags
     from ml_collections import config_flags
 
-    from instaflow_jax.cli.common import USER_ERRORS, run_absl
+    from instaflow_jax.entry import exit_on_user_errors, quiet_logs, run_absl
 
     config = config_flags.DEFINE_config_file(
         "config", None, "job config, e.g. configs/triplets_sd15.py:tiny", lock_config=True
@@ -355,15 +353,10 @@ def run() -> None:
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        from instaflow_jax.train.__main__ import quiet_logs
-
         quiet_logs()
         print(f"writing triplets to {config.value.output_dir}", flush=True)
-        try:
+        with exit_on_user_errors():
             print(f"triplets in {generate_triplets(config.value)}")
-        except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
 
     run_absl(main)
 

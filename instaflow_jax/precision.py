@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 _DTYPES = {
@@ -43,3 +44,10 @@ def parse_dtype(dtype: Any) -> Any:
 def dtype_name(dtype: Any) -> str:
     """Canonical name (``"float32"``, ``"bfloat16"``, ``"float16"``) of a dtype or dtype name."""
     return jnp.dtype(parse_dtype(dtype)).name
+
+
+def resolve_dtype(name: str) -> str:
+    """``"auto"`` → float32 on CPU, bfloat16 on accelerators; any other name unchanged."""
+    if name != "auto":
+        return name
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"

@@ -12,7 +12,7 @@ import numpy as np
 from instaflow_jax.models import (
     UNetConfig,
 )
-from instaflow_jax.weights.tiny import (  # noqa: F401 (re-exported for tests and examples)
+from instaflow_jax.weights.tiny import (  # noqa: F401 (re-exported for tests)
     TINY_WORDS,
     make_tiny_pipeline,
     random_params,

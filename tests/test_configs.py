@@ -178,7 +178,9 @@ def test_single_gpu_launch_runs_the_tiny_distillation(tmp_path):
         str(workdir),
     ]
     command += ["--config.num_steps=4", "--config.sample.every=0", "--config.checkpoint_every=2"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # The script calls plain `python`: this interpreter's, also from a venv that is not activated.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PATH=path)
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "exported pipeline" in done.stdout

@@ -161,6 +161,7 @@ def test_download_commands_parse_with_the_installed_hf_cli():
     import shlex
     import shutil
     import subprocess
+    import sys
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         lines = [line for line in f.read().splitlines() if line.startswith("hf download")]
@@ -170,7 +171,9 @@ def test_download_commands_parse_with_the_installed_hf_cli():
         for i, word in enumerate(words):
             if word == "--exclude":
                 assert i + 2 >= len(words) or words[i + 2].startswith("--"), line
-    hf = shutil.which("hf")
+    # Beside this interpreter first: the venv's scripts, also when the venv is not activated.
+    search = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    hf = shutil.which("hf", path=search)
     assert hf, "huggingface_hub's `hf` command is not installed"
     usage = subprocess.run([hf, "download", "--help"], capture_output=True, text=True, timeout=60).stdout
     assert "--exclude" in usage and "--local-dir" in usage

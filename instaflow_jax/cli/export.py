@@ -52,7 +52,7 @@ def push_to_hub(folder: str, repo: str, private: bool, message: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from instaflow_jax.train.__main__ import quiet_logs
+    from instaflow_jax.entry import quiet_logs
     from instaflow_jax.train.export import export_checkpoint
 
     quiet_logs()

@@ -117,8 +117,8 @@ def controlnet_kwargs(args: argparse.Namespace, height: int, width: int) -> dict
     if not args.controlnet:
         return {}
     import instaflow_jax
-    from instaflow_jax.cli.common import resolve_dtype
     from instaflow_jax.image_ops import canny
+    from instaflow_jax.precision import resolve_dtype
 
     nets = [instaflow_jax.load_controlnet(path, dtype=resolve_dtype(args.dtype)) for path in args.controlnet]
     images = []

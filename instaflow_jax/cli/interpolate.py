@@ -9,7 +9,6 @@ import argparse
 import os
 
 import jax
-import numpy as np
 
 from instaflow_jax.cli.common import (
     add_model_arguments,
@@ -20,19 +19,11 @@ from instaflow_jax.cli.common import (
     run_cli,
     sampling_kwargs,
 )
-from instaflow_jax.conventions import latent_shape, nhwc_to_nchw
+from instaflow_jax.conventions import latent_shape
 from instaflow_jax.files import ensure_writable_folder
 from instaflow_jax.images import save_gif, save_png
 from instaflow_jax.progress import progress_bar
-from instaflow_jax.sampling.interpolation import slerp_path
-from instaflow_jax.sampling.noise import initial_noise
-
-
-def interpolation_latents(seed_a: int, seed_b: int, shape: tuple[int, ...], frames: int) -> np.ndarray:
-    """Noise of sample 0 under each seed, slerped: NCHW [frames, C, h, w] float32."""
-    a = initial_noise(seed_a, np.arange(1), shape)
-    b = initial_noise(seed_b, np.arange(1), shape)
-    return nhwc_to_nchw(np.asarray(slerp_path(a, b, frames)[:, 0]))
+from instaflow_jax.sampling.interpolation import interpolation_latents
 
 
 def build_parser() -> argparse.ArgumentParser:

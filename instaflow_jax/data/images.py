@@ -1,17 +1,25 @@
-"""Image datasets for teacher pre-training, by name: ``register_image_dataset`` /
+"""Image datasets for teacher pre-training, found by name: ``register_image_dataset`` /
 ``make_image_dataset``. A dataset's ``read(indices)`` returns ``images`` float32 [k, H, W, 3] in
-[0, 1], ``prompt`` (k strings) and ``index``; the toy example registers ``toy_shapes``."""
+[0, 1], ``prompt`` (k strings) and ``index``.
+
+``data.images`` is a registered name or an import path ``"package.module:Factory"``, imported on
+demand; ``IMPORT_PATHS`` names the import paths of datasets whose modules are not imported
+beforehand (the toy's, under the name its configs and checkpoints carry)."""
 
 from __future__ import annotations
 
-import contextlib
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 _FACTORIES: dict[str, Callable[..., Any]] = {}
 
+IMPORT_PATHS = {"toy_shapes": "instaflow_jax.examples.toy_data:ToyShapes"}
+
 
 def register_image_dataset(name: str) -> Callable:
+    """Decorator: ``factory(num_images=, seed=, height=, width=)`` makes the dataset ``name``."""
+
     def register(factory: Callable[..., Any]) -> Callable[..., Any]:
         _FACTORIES[name] = factory
         return factory
@@ -19,10 +27,27 @@ def register_image_dataset(name: str) -> Callable:
     return register
 
 
+def _import_factory(path: str) -> Callable[..., Any]:
+    """``"package.module:attribute"`` → that attribute, the module imported now."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"image dataset {path!r} cannot be imported: {err}") from err
+    if not callable(factory):
+        raise ValueError(f"image dataset {path!r} is not a class or function.")
+    return factory
+
+
 def make_image_dataset(name: str, num_images: int, seed: int, height: int, width: int) -> Any:
-    if name not in _FACTORIES:
-        with contextlib.suppress(ImportError):
-            import instaflow_jax.examples.toy_data  # noqa: F401  (registers the toy datasets)
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown image dataset {name!r}; registered: {sorted(_FACTORIES)}.")
-    return _FACTORIES[name](num_images=num_images, seed=seed, height=height, width=width)
+    """The dataset ``name`` (registered, in ``IMPORT_PATHS``, or ``"module:attribute"``)."""
+    if name in _FACTORIES:
+        factory = _FACTORIES[name]
+    elif name in IMPORT_PATHS or ":" in name:
+        factory = _import_factory(IMPORT_PATHS.get(name, name))
+    else:
+        raise ValueError(
+            f"unknown image dataset {name!r}; registered: {sorted(set(_FACTORIES) | set(IMPORT_PATHS))}, "
+            "or give an import path 'package.module:Factory'."
+        )
+    return factory(num_images=num_images, seed=seed, height=height, width=width)

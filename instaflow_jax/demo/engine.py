@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from instaflow_jax.cli.common import USER_ERRORS, resolve_dtype
-from instaflow_jax.cli.interpolate import interpolation_latents
 from instaflow_jax.conventions import latent_shape
+from instaflow_jax.entry import USER_ERRORS
 from instaflow_jax.images import save_gif
 from instaflow_jax.pipeline import Pipeline, Timings
+from instaflow_jax.precision import resolve_dtype
+from instaflow_jax.sampling.interpolation import interpolation_latents
 from instaflow_jax.weights.tiny import TINY_RANDOM, resolve_model
 
 DEFAULT_MODEL2_STEPS = (1, 2, 4, 8)

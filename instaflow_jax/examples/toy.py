@@ -381,8 +381,7 @@ def run() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from instaflow_jax.cli.common import USER_ERRORS, run_absl
-    from instaflow_jax.train.__main__ import quiet_logs
+    from instaflow_jax.entry import exit_on_user_errors, quiet_logs, run_absl
 
     use_every_core()
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_config.py")
@@ -396,11 +395,8 @@ def run() -> None:
     def main(argv: list[str]) -> None:
         quiet_logs()
         print(f"run folder: {os.path.abspath(workdir.value)} (summary.md, eval/, one folder per stage)")
-        try:
+        with exit_on_user_errors():
             run_toy(config.value, workdir.value)
-        except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
         with open(_path(workdir.value, "summary.md")) as f:
             print(f.read())
 

@@ -14,9 +14,9 @@ from typing import Any
 from instaflow_jax.examples.toy_data import VOCABULARY
 from instaflow_jax.models import CLIPTextModel, UNet2DConditionModel, UNetConfig
 from instaflow_jax.models.identity_vae import IdentityAutoencoder, IdentityVAEConfig
-from instaflow_jax.testing import random_params, tiny_clip_config, write_tiny_tokenizer
 from instaflow_jax.text import load_tokenizer
 from instaflow_jax.weights.pipeline_folder import DEFAULT_SCHEDULER_CONFIG, save_pipeline_parts
+from instaflow_jax.weights.tiny import random_params, tiny_clip_config, write_tiny_tokenizer
 
 PROMPT_TOKENS = 16  # "a small yellow triangle at the bottom right" is 10 tokens with start and end
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from instaflow_jax.conventions import nhwc_to_nchw
+from instaflow_jax.sampling.noise import initial_noise
 
 
 def slerp(a: jax.Array, b: jax.Array, alpha: jax.Array | float, eps: float = 1e-7) -> jax.Array:
@@ -31,3 +35,10 @@ def slerp_path(a: jax.Array, b: jax.Array, num_frames: int) -> jax.Array:
     """``num_frames`` points from ``a`` to ``b`` inclusive: [num_frames, B, ...] float32."""
     alphas = jnp.linspace(0.0, 1.0, num_frames)
     return jax.vmap(lambda t: slerp(a, b, t))(alphas)
+
+
+def interpolation_latents(seed_a: int, seed_b: int, shape: tuple[int, ...], frames: int) -> np.ndarray:
+    """Noise of sample 0 under each seed, slerped: NCHW [frames, C, h, w] float32."""
+    a = initial_noise(seed_a, np.arange(1), shape)
+    b = initial_noise(seed_b, np.arange(1), shape)
+    return nhwc_to_nchw(np.asarray(slerp_path(a, b, frames)[:, 0]))

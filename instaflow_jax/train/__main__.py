@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import sys
 
-
-def quiet_logs() -> None:
-    """Third-party log noise off (``cli.common.quiet_third_party``); absl INFO with --verbosity."""
-    from instaflow_jax.cli.common import quiet_third_party
-
-    quiet_third_party()
+from instaflow_jax.entry import quiet_logs  # re-exported: its former home
 
 
 def run() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from instaflow_jax.cli.common import USER_ERRORS, run_absl
+    from instaflow_jax.entry import exit_on_user_errors, run_absl
 
     config = config_flags.DEFINE_config_file(
         "config", None, "training config, e.g. configs/reflow_sd15.py:tiny", lock_config=True
@@ -36,14 +31,12 @@ def run() -> None:
         from instaflow_jax.parallel import ProcessBarrierTimeout
         from instaflow_jax.train.trainer import train_and_evaluate
 
-        try:
-            result = train_and_evaluate(config.value, workdir.value)
-        except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except ProcessBarrierTimeout as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
+        with exit_on_user_errors():
+            try:
+                result = train_and_evaluate(config.value, workdir.value)
+            except ProcessBarrierTimeout as err:  # a TimeoutError, not a user error: status 1
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(1)
         if result.preempted:
             print(
                 f"preempted: saved the checkpoint of step {result.step} in {result.workdir}/checkpoints; "

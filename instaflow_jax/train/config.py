@@ -44,7 +44,7 @@ class DataConfig:
     kind: str = "triplets"
     path: str = ""  # triplets folder
     prompts: PromptSource = dataclasses.field(default_factory=PromptSource)
-    images: str = ""  # image dataset name (kind=images)
+    images: str = ""  # image dataset (kind=images): a registered name or "package.module:Factory"
     num_images: int = 0
     seed: int = 0  # shuffling (and noise for kind=prompts)
 
