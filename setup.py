@@ -47,6 +47,11 @@ EXTRAS = {
         "opencv-python-headless>=4.8",  # cv2.Canny, the reference of the canny edge helper
         "gradio>=6,<7",  # the web demo; its browser test drives Debian's chromium with Selenium
         "selenium>=4.20",
+        "torchmetrics>=1.9",  # CLIPScore's formula (the CLIP score parity test)
+        "lightning-utilities>=0.15",
+        # pytorch-fid (the FID references) is installed with --no-deps by the README's test command:
+        # it requires torchvision, whose PyPI builds are CUDA builds that fail to import beside the
+        # CPU torch of the test machines; tests/test_inception.py stands in for the few classes used.
     ],
     # instaflow-demo, the local web page
     "demo": ["gradio>=6,<7"],
@@ -73,7 +78,9 @@ setup(
             "instaflow-generate-triplets=instaflow_jax.generate_triplets:run",
             "instaflow-train=instaflow_jax.train.__main__:run",
             "instaflow-export=instaflow_jax.cli.export:main",
-            "instaflow-toy=instaflow_jax.examples.toy:run",
+            "instaflow-eval=instaflow_jax.cli.evaluate:main",
+            "instaflow-convert-inception=instaflow_jax.cli.convert_inception:main",
+            "instaflow-toy=instaflow_jax.examples.toy.main:run",
         ]
     },
 )

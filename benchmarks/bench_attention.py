@@ -120,7 +120,7 @@ def networks(args: argparse.Namespace) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from bench_generate import CONFIGS, MODULES, torch_models
 
-    from instaflow_jax.generation import SamplerSpec, make_generate_fn
+    from instaflow_jax.sampling.text_to_image import SamplerSpec, make_generate_fn
     from instaflow_jax.testing import random_params
 
     dtype = parse_dtype(args.dtype)

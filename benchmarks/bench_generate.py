@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instaflow_jax.generation import SamplerSpec, decode_latents, encode_text, make_generate_fn
 from instaflow_jax.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -36,6 +35,7 @@ from instaflow_jax.models import (
 )
 from instaflow_jax.precision import parse_dtype
 from instaflow_jax.sampling.euler import one_step
+from instaflow_jax.sampling.text_to_image import SamplerSpec, decode_latents, encode_text, make_generate_fn
 from instaflow_jax.sampling.velocity import unet_field
 from instaflow_jax.testing import random_params
 from instaflow_jax.weights.convert import flatten, flax_to_torch

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instaflow_jax.generation import SamplerSpec, make_generate_fn
 from instaflow_jax.models import (
     AutoencoderKL,
     CLIPTextConfig,
@@ -28,6 +27,7 @@ from instaflow_jax.models import (
     VAEConfig,
 )
 from instaflow_jax.precision import parse_dtype
+from instaflow_jax.sampling.text_to_image import SamplerSpec, make_generate_fn
 from instaflow_jax.testing import random_params
 from instaflow_jax.weights.pipeline_folder import DEFAULT_SCHEDULER_CONFIG as SD_SCHEDULER_CONFIG
 

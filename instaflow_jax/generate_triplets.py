@@ -51,12 +51,12 @@ from instaflow_jax.data.triplets import (
     read_manifest,
 )
 from instaflow_jax.files import ensure_writable_folder
-from instaflow_jax.generation import NonFiniteOutputError
-from instaflow_jax.parallel import initialize_distributed, make_mesh
+from instaflow_jax.parallel import initialize_distributed, make_mesh, pad_batch
 from instaflow_jax.phases import phase
 from instaflow_jax.precision import dtype_name, parse_dtype
 from instaflow_jax.progress import progress_bar
 from instaflow_jax.sampling.noise import noise_for_indices
+from instaflow_jax.sampling.text_to_image import SD_TEACHER, NonFiniteOutputError, TeacherSpec
 
 log = logging.getLogger(__name__)
 STALE_TMP_S = 3600.0  # a temporary file this old belongs to a dead writer
@@ -69,13 +69,25 @@ class NonFiniteTeacherError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
+    """The teacher whose ODE solutions are stored: its weights, dtypes and :class:`TeacherSpec`.
+
+    Defaults: the SD 1.5 teacher of the reflow data (docs/method.md §4.1, :data:`SD_TEACHER`:
+    25-step DPM-Solver++, CFG 5, empty negative prompt). The ``:2rf`` variant of
+    ``configs/triplets_sd15.py`` stores the 2-RF's targets instead (``euler``, CFG 1.5: the
+    online distillation targets' defaults, ``train.config.TeacherConfig``).
+    """
+
     model: str = "stable-diffusion-v1-5"  # folder, cached hub id, or "tiny-random"
-    solver: str = "dpmpp2m"  # SD teacher; "euler" for a rectified-flow teacher (2-RF)
-    num_steps: int = 25
-    guidance_scale: float = 5.0
-    negative_prompt: str = ""
+    solver: str = SD_TEACHER.solver  # SD teacher; "euler" for a rectified-flow teacher (2-RF)
+    num_steps: int = SD_TEACHER.num_steps
+    guidance_scale: float = SD_TEACHER.guidance_scale
+    negative_prompt: str = SD_TEACHER.negative_prompt
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
+
+    def spec(self) -> TeacherSpec:
+        """How this teacher samples (the same function computes online distillation targets)."""
+        return TeacherSpec(self.solver, self.num_steps, self.guidance_scale, self.negative_prompt)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,15 +271,15 @@ def _teacher_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Teacher latents of the samples ``chunk`` (global indices, at most ``group``): X1 in
     ``latent_dtype`` and X0 float32, each [k, h, w, C] NHWC; checked finite (else an error)."""
-    teacher = job.teacher
-    padded = np.concatenate([chunk, np.full(group - len(chunk), chunk[-1])])  # same groups always
+    teacher, spec = job.teacher, job.teacher.spec()
+    padded = pad_batch(chunk, group)  # the last index repeated: the same groups always
     noise = np.asarray(noise_for_indices(job.seed, padded, shape))
     try:  # the pipeline checks finiteness on device (per-sample flags fetched with the output)
         latents = pipe.generate(
-            [prompts[i] for i in padded], num_steps=teacher.num_steps,
-            guidance_scale=teacher.guidance_scale, negative_prompt=teacher.negative_prompt,
+            [prompts[i] for i in padded], num_steps=spec.num_steps,
+            guidance_scale=spec.guidance_scale, negative_prompt=spec.negative_prompt,
             latents=nhwc_to_nchw(noise), height=job.height, width=job.width,
-            solver=teacher.solver, output_type="latent",
+            solver=spec.solver, output_type="latent",
         )  # fmt: skip
     except NonFiniteOutputError as err:
         raise NonFiniteTeacherError(

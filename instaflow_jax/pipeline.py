@@ -18,13 +18,6 @@ from jax.sharding import Mesh
 
 from instaflow_jax.controlnet import ControlNet, control_inputs
 from instaflow_jax.conventions import latent_shape, nchw_to_nhwc, nhwc_to_nchw
-from instaflow_jax.generation import (
-    NonFiniteOutputError,
-    SamplerSpec,
-    describe_non_finite,
-    make_generate_fn,
-    with_finite_flags,
-)
 from instaflow_jax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
 from instaflow_jax.parallel import (
     batch_sharded,
@@ -35,7 +28,15 @@ from instaflow_jax.parallel import (
     replicated,
 )
 from instaflow_jax.sampling.noise import MAX_SEED, noise_for_indices
-from instaflow_jax.sampling.velocity import use_cfg
+from instaflow_jax.sampling.text_to_image import (
+    NonFiniteOutputError,
+    SamplerSpec,
+    describe_non_finite,
+    encode_text,
+    make_generate_fn,
+    with_finite_flags,
+)
+from instaflow_jax.sampling.velocity import guidance_enabled
 from instaflow_jax.text import tokenize
 from instaflow_jax.weights.lora import merge_lora
 from instaflow_jax.weights.pipeline_folder import load_pipeline_parts, save_pipeline_parts
@@ -95,6 +96,12 @@ class Pipeline:
         self.params = jax.device_put(self.params, replicated(self.mesh))
 
     @property
+    def modules(self) -> dict[str, Any]:
+        """The Flax modules by name (``unet``, ``vae``, ``text_encoder``), the keys of ``params``:
+        with ``params`` the arguments of :func:`instaflow_jax.make_generate_fn`."""
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    @property
     def latent_scale(self) -> float:
         """VAE ``scaling_factor`` (0.18215 for SD 1.x): model latents = VAE latents × this."""
         return float(self.vae.config.scaling_factor)
@@ -125,8 +132,7 @@ class Pipeline:
 
     def encode_prompt(self, prompts: str | Sequence[str]) -> jax.Array:
         """Prompts → float32 text context [B, 77, D] (CLIP last hidden state)."""
-        hidden, _ = self.text_encoder.apply({"params": self.params["text_encoder"]}, self.tokenize(prompts))
-        return hidden
+        return encode_text(self.text_encoder, self.params["text_encoder"], self.tokenize(prompts))
 
     def generate(
         self,
@@ -175,12 +181,12 @@ class Pipeline:
         width = self.native_size[1] if width is None else int(width)
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}.")
-        cfg = use_cfg(guidance_scale)
-        spec = SamplerSpec(int(num_steps), solver, cfg, output_type)
+        guidance = guidance_enabled(guidance_scale)
+        spec = SamplerSpec(int(num_steps), solver, guidance, output_type)
         shape = latent_shape(batch, height, width, self.latent_channels, self.vae_scale_factor)
         z0 = self._initial_latents(latents, shape, seed)
         ids = self.tokenize(prompts)
-        uncond_ids = self.tokenize(self._negatives(negative_prompt, batch)) if cfg else None
+        uncond_ids = self.tokenize(self._negatives(negative_prompt, batch)) if guidance else None
         padded = padded_size(batch, self.mesh)
         args = (
             self.params,
@@ -279,7 +285,7 @@ class Pipeline:
         if key in self._compiled:
             return self._compiled[key], 0.0
         enable_compilation_cache()
-        modules = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        modules = self.modules
         if controlnets:
             modules["controlnets"] = controlnets
         fn = make_generate_fn(modules, spec, self.scheduler_config)
@@ -317,7 +323,7 @@ class Pipeline:
         """
         save_pipeline_parts(
             folder,
-            {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder},
+            self.modules,
             self.params,
             self.tokenizer,
             self.scheduler_config,
@@ -356,14 +362,14 @@ def load_pipeline(
 
     attention_impl = check_implementation(attention_impl)
     parts = load_pipeline_parts(path, dtype, param_dtype, variant, remat=remat, attention_impl=attention_impl)
-    modules = parts["modules"]
+    modules = parts.modules
     return Pipeline(
         unet=modules["unet"],
         vae=modules["vae"],
         text_encoder=modules["text_encoder"],
-        tokenizer=parts["tokenizer"],
-        params=parts["params"],
-        scheduler_config=parts["scheduler_config"],
-        source=parts["source"],
+        tokenizer=parts.tokenizer,
+        params=parts.params,
+        scheduler_config=parts.scheduler_config,
+        source=parts.source,
         mesh=mesh,
     )

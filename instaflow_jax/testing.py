@@ -6,6 +6,7 @@ LPIPS weights, synthetic triplets. The tiny pipelines themselves (also used at r
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
@@ -83,6 +84,34 @@ __all__ = [
 ]
 
 
+def write_tfds_folder(folder: str, name: str, features: Any, splits: dict[str, list[dict]]) -> str:
+    """Write a prepared tensorflow-datasets version folder (array_record, no TensorFlow): one
+    shard per split of ``features``-encoded examples, and the metadata. Returns ``folder``."""
+    import tensorflow_datasets as tfds
+    from array_record.python.array_record_module import ArrayRecordWriter
+    from tensorflow_datasets.core import example_serializer
+
+    os.makedirs(folder, exist_ok=True)
+    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
+    infos = []
+    for split, examples in splits.items():
+        writer = ArrayRecordWriter(
+            os.path.join(folder, f"{name}-{split}.array_record-00000-of-00001"), "group_size:1"
+        )
+        for example in examples:
+            writer.write(serializer.serialize_example(features.encode_example(example)))
+        writer.close()
+        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(examples)], num_bytes=0))
+    tfds.folder_dataset.write_metadata(
+        data_dir=folder,
+        features=features,
+        split_infos=infos,
+        filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
+        check_data=False,
+    )
+    return folder
+
+
 def write_mock_tfds_captions(
     data_dir: str, splits: dict[str, list[list[str]]], name: str = "coco_captions", config: str = "2014"
 ) -> str:
@@ -92,11 +121,7 @@ def write_mock_tfds_captions(
     ``coco_captions``. Returns the version folder.
     """
     import tensorflow_datasets as tfds
-    from array_record.python.array_record_module import ArrayRecordWriter
-    from tensorflow_datasets.core import example_serializer
 
-    folder = os.path.join(data_dir, name, config, "1.1.0")
-    os.makedirs(folder, exist_ok=True)
     features = tfds.features.FeaturesDict(
         {
             "image/id": tfds.features.Scalar(dtype=np.int64),
@@ -105,25 +130,14 @@ def write_mock_tfds_captions(
             ),
         }
     )
-    serializer = example_serializer.ExampleSerializer(features.get_serialized_info())
-    infos = []
-    for split, records in splits.items():
-        writer = ArrayRecordWriter(
-            os.path.join(folder, f"{name}-{split}.array_record-00000-of-00001"), "group_size:1"
-        )
-        for i, captions in enumerate(records):
-            example = {"image/id": i, "captions": {"text": captions, "id": list(range(len(captions)))}}
-            writer.write(serializer.serialize_example(features.encode_example(example)))
-        writer.close()
-        infos.append(tfds.core.SplitInfo(name=split, shard_lengths=[len(records)], num_bytes=0))
-    tfds.folder_dataset.write_metadata(
-        data_dir=folder,
-        features=features,
-        split_infos=infos,
-        filename_template="{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}",
-        check_data=False,
-    )
-    return folder
+    examples = {
+        split: [
+            {"image/id": i, "captions": {"text": captions, "id": list(range(len(captions)))}}
+            for i, captions in enumerate(records)
+        ]
+        for split, records in splits.items()
+    }
+    return write_tfds_folder(os.path.join(data_dir, name, config, "1.1.0"), name, features, examples)
 
 
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))

@@ -45,6 +45,34 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
     return make_tiny_pipeline(str(tmp_path_factory.mktemp("tiny") / "pipe"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def scratch_unet_pipeline_dir(tiny_pipeline_dir, tmp_path_factory) -> str:
+    """The tiny pipeline with its UNet re-initialised by Flax (``unet.init``, key 0), text
+    encoder, VAE and tokenizer shared: a student that starts away from the tiny pipeline as teacher."""
+    import jax
+    import jax.numpy as jnp
+
+    from instaflow_jax.weights.pipeline_folder import load_pipeline_parts, save_pipeline_parts
+
+    parts = load_pipeline_parts(tiny_pipeline_dir)
+    unet = parts.modules["unet"]
+    dummy = (
+        jnp.zeros((1, 8, 8, unet.config.in_channels)),
+        jnp.ones((1,)),
+        jnp.zeros((1, 1, unet.config.cross_attention_dim)),
+    )
+    params = jax.tree.map(np.asarray, jax.jit(unet.init)(jax.random.key(0), *dummy)["params"])
+    folder = str(tmp_path_factory.mktemp("scratch_unet") / "pipe")
+    save_pipeline_parts(
+        folder,
+        parts.modules,
+        dict(parts.params, unet=params),
+        parts.tokenizer,
+        parts.scheduler_config,
+    )
+    return folder
+
+
 @pytest.fixture(scope="module")
 def triplets(tiny_pipeline_dir, tmp_path_factory) -> str:
     """8 triplets from the tiny pipeline as a rectified-flow teacher (2 Euler steps, no CFG): the
@@ -60,7 +88,7 @@ def triplets(tiny_pipeline_dir, tmp_path_factory) -> str:
 def tiny_toy_run(tmp_path_factory) -> tuple[str, dict]:
     """The ``tiny`` small-scale reproduction, run once per session: (workdir, stage summaries)."""
     from instaflow_jax.examples import toy
-    from instaflow_jax.examples.toy_config import get_config
+    from instaflow_jax.examples.toy.config import get_config
 
     workdir = str(tmp_path_factory.mktemp("toy") / "run")
     return workdir, toy.run_toy(get_config("tiny"), workdir)

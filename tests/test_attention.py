@@ -248,7 +248,7 @@ def test_training_config_option_reaches_the_models(tiny_pipeline_dir):
     from instaflow_jax.train.trainer import _models
 
     cfg = TrainConfig.from_config({"init_from": tiny_pipeline_dir, "attention": "blockwise"})
-    modules = _models(cfg)["modules"]
+    modules = _models(cfg).modules
     assert {name: m.attention_impl for name, m in modules.items()} == {
         "unet": "blockwise",
         "vae": "blockwise",

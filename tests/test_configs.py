@@ -13,7 +13,7 @@ import pytest
 
 from instaflow_jax.config_utils import defaults_config, from_dict
 from instaflow_jax.examples.toy import expand_variant
-from instaflow_jax.examples.toy_config import get_config as toy_config
+from instaflow_jax.examples.toy.config import get_config as toy_config
 from instaflow_jax.generate_triplets import TripletJob
 from instaflow_jax.train.config import TrainConfig
 

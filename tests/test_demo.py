@@ -27,7 +27,7 @@ from instaflow_jax.cli import demo as demo_cli
 from instaflow_jax.demo import DemoEngine, DemoInputError, DemoModel, build_demo, load_engine
 from instaflow_jax.demo.app import _model_updates, frame_strip
 from instaflow_jax.demo.engine import parse_size
-from instaflow_jax.images import to_uint8
+from instaflow_jax.image_io import to_uint8
 
 SIZE = 64  # the tiny UNet's native size: sample_size 8 × the VAE's 8
 CHROME_FLAGS = (

@@ -8,17 +8,18 @@ to ``importlib`` is not an import: that is how the image-dataset registry finds 
 Layers, top (0) to bottom (6); a module may import its own layer and anything below:
 
 0 apps: ``examples``, ``cli``, ``demo`` (the web demo is an app, like the CLIs).
-1 jobs: ``train``, ``generate_triplets``.
-2 pipeline: ``pipeline``, ``generation``, ``controlnet``, ``transfer``, and ``entry``: the one CLI
-  entry helper (``error:`` + exit 2, log quieting) that jobs and apps share; it sits here, not
-  with the root utilities, because its ``USER_ERRORS`` names ``pipeline.InsufficientMemoryError``
-  (and the models' and weights' errors). The package root ``instaflow_jax`` (its ``__init__``
-  re-exports the pipeline API) counts as this layer when imported; as an importer it is exempt.
+1 jobs: ``train``, ``generate_triplets``, ``evaluation`` (FID / CLIP score on COCO).
+2 pipeline: ``pipeline``, ``controlnet``, ``transfer``, and ``entry``: the one CLI entry helper
+  (``error:`` + exit 2, log quieting) that jobs and apps share; it sits here, not with the root
+  utilities, because its ``USER_ERRORS`` names ``pipeline.InsufficientMemoryError`` (and the
+  models' and weights' errors). The package root ``instaflow_jax`` (its ``__init__`` re-exports
+  the pipeline API and the research API of ``sampling``) counts as this layer when imported; as an
+  importer it is exempt.
 3 ``sampling``, ``data`` (data draws its noise with ``sampling.noise``).
 4 ``weights``.
 5 ``models``.
 6 root utilities: every other module at the package root (``conventions``, ``parallel``, ``files``,
-  ``images`` (PNG/GIF files; it uses ``files``), ``image_ops`` (canny; numpy only), ``progress``,
+  ``image_io`` (PNG/GIF files; it uses ``files``), ``image_ops`` (canny; numpy only), ``progress``,
   ``phases``, ``precision``, ``config_utils``, ``text`` (the tokenizer loader; imports nothing of
   ours) …). A new subpackage must be added to ``LAYERS``.
 
@@ -41,10 +42,10 @@ LAYERS = {
     "instaflow_jax.demo": 0,
     "instaflow_jax.train": 1,
     "instaflow_jax.generate_triplets": 1,
+    "instaflow_jax.evaluation": 1,
     "instaflow_jax": 2,  # the package's __init__ (public API), as an imported module
     "instaflow_jax.entry": 2,
     "instaflow_jax.pipeline": 2,
-    "instaflow_jax.generation": 2,
     "instaflow_jax.controlnet": 2,
     "instaflow_jax.transfer": 2,
     "instaflow_jax.sampling": 3,

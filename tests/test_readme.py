@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 
+import numpy as np
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +28,10 @@ COVERAGE = {
         "test_toy.py::test_toy_command_line",
     ],
     'pip install -e ".[test]"': ["CI: .ci/run runs this command verbatim"],
+    "instaflow-eval --model": [
+        "test_evaluation.py::test_protocol_end_to_end",
+        "test_evaluation.py::test_killed_run_resumes_with_identical_results",
+    ],
     "hf download": [
         "NETWORK: downloads cannot run offline; the folders they make are the "
         "diffusers layout that test_loading.py and test_models_parity.py load"
@@ -255,6 +260,9 @@ def test_unmarked_python_blocks_run(tiny_pipeline_dir, tmp_path, monkeypatch):
     assert namespace["latents"].shape == (1, pipe.latent_channels, h, w)
     assert namespace["x1"].shape == namespace["x4"].shape == (1, h, w, pipe.latent_channels)
     assert float(namespace["s"]) >= 0.0
+    assert namespace["per_g"].shape == (2, *namespace["images"].shape)  # (the 2-RF's images)
+    dz0 = np.asarray(namespace["dz0"])
+    assert dz0.shape == namespace["z0"].shape and np.all(np.isfinite(dz0)) and np.any(dz0 != 0)
     assert namespace["batch"]["x1"].shape == (64, 8, 8, 4)
 
 

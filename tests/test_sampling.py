@@ -239,7 +239,7 @@ def test_bad_generate_arguments(pipe, noise):
 def test_non_finite_inputs_and_outputs_are_errors(pipe, noise):
     import dataclasses
 
-    from instaflow_jax.generation import NonFiniteOutputError
+    from instaflow_jax.sampling.text_to_image import NonFiniteOutputError
 
     with pytest.raises(ValueError, match="guidance_scale must be a finite number, got inf"):
         pipe.generate(PROMPTS, guidance_scale=float("inf"), height=64, width=64)

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from instaflow_jax.examples import toy
-from instaflow_jax.examples.toy_config import get_config
-from instaflow_jax.examples.toy_data import ATTRIBUTES, ToyShapes
-from instaflow_jax.examples.toy_eval import frechet_distance, prompt_accuracy
+from instaflow_jax.examples.toy import stages
+from instaflow_jax.examples.toy.config import get_config
+from instaflow_jax.examples.toy.data import ATTRIBUTES, ToyShapes
+from instaflow_jax.examples.toy.evaluate import frechet_distance, prompt_accuracy
 from instaflow_jax.sampling import (
     DPMSolverSchedule,
     dpm_solver_sample,
@@ -155,8 +156,41 @@ def test_tiny_reproduction_writes_every_stage(tiny_run):
     assert f"2-RF + distill {errors['2rf+distill']['rmse']:.4f}" in summary
 
 
+def test_output_negated_start_negates_only_the_output_layer(tiny_pipeline_dir, tmp_path):
+    """The toy's start for reflow and direct distillation (``config.init_output_sign = -1``): a
+    pipeline folder equal to its source but for the UNet's ``conv_out``, so the velocity is negated.
+    Written once; sign 1 starts from the source itself; other signs are refused."""
+    from instaflow_jax.examples.toy.starts import start_from
+    from instaflow_jax.weights.convert import flatten
+    from instaflow_jax.weights.pipeline_folder import load_pipeline_parts
+
+    assert start_from(tiny_pipeline_dir, str(tmp_path / "unused"), 1) == tiny_pipeline_dir
+    folder = start_from(tiny_pipeline_dir, str(tmp_path / "negated"), -1)
+    before, after = load_pipeline_parts(tiny_pipeline_dir), load_pipeline_parts(folder)
+    for component in ("unet", "text_encoder", "vae"):
+        old, new = flatten(before.params[component]), flatten(after.params[component])
+        assert old.keys() == new.keys(), component
+        for name, value in old.items():
+            sign = -1 if name[0] == "conv_out" else 1
+            np.testing.assert_array_equal(new[name], sign * value, err_msg=f"{component} {name}")
+    unet = before.modules["unet"]
+    apply = jax.jit(unet.apply)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 8, unet.config.in_channels)), jnp.float32)
+    context = jnp.asarray(rng.normal(size=(2, 3, unet.config.cross_attention_dim)), jnp.float32)
+    t = jnp.asarray([1000.0, 250.0])
+    v_before = np.asarray(apply({"params": before.params["unet"]}, x, t, context))
+    v_after = np.asarray(apply({"params": after.params["unet"]}, x, t, context))
+    np.testing.assert_allclose(v_after, -v_before, rtol=0, atol=1e-6 * np.abs(v_before).max())
+    written = os.path.getmtime(os.path.join(folder, "model_index.json"))
+    assert start_from(tiny_pipeline_dir, folder, -1) == folder
+    assert os.path.getmtime(os.path.join(folder, "model_index.json")) == written
+    with pytest.raises(ValueError, match="init_output_sign must be 1 or -1"):
+        start_from(tiny_pipeline_dir, str(tmp_path / "bad"), 2)
+
+
 def test_distillation_error_compares_each_student_with_its_own_teacher_at_most_steps():
-    from instaflow_jax.examples.toy_eval import distillation_error
+    from instaflow_jax.examples.toy.evaluate import distillation_error
 
     shape = (6, 4, 4, 3)
     base = np.zeros(shape, np.float32)
@@ -185,8 +219,8 @@ def test_resuming_a_finished_run_does_no_work(tiny_run, monkeypatch, capsys):
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished stage was run again")
 
-    for name in ("train_and_evaluate", "generate_triplets", "evaluate", "make_toy_pipeline"):
-        monkeypatch.setattr(toy, name, forbidden)
+    for name in ("train_and_evaluate", "generate_triplets", "evaluate", "make_toy_pipeline", "start_from"):
+        monkeypatch.setattr(stages, name, forbidden)
     again = toy.run_toy(get_config("tiny"), workdir)
     assert again == first
     assert capsys.readouterr().out.count("finished earlier, skipped") == len(toy.STAGES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from instaflow_jax.examples.toy_figures import plot_quality_vs_steps, plot_samples, plot_straightness
+from instaflow_jax.examples.toy.figures import plot_quality_vs_steps, plot_samples, plot_straightness
 
 
 def test_samples_have_a_prompt_per_column_and_full_row_labels(tmp_path):

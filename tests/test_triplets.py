@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import instaflow_jax
+from instaflow_jax.data.loader import ShuffledLoader
 from instaflow_jax.data.shards import NonFiniteError, ShardError
-from instaflow_jax.data.triplets import ManifestError, TripletDataset, TripletLoader, list_complete_shards
+from instaflow_jax.data.triplets import ManifestError, TripletDataset, list_complete_shards
 from instaflow_jax.files import FolderNotWritableError, UnsafePathError
 from instaflow_jax.generate_triplets import (
     NonFiniteTeacherError,
@@ -214,7 +215,9 @@ def test_unknown_config_keys_are_refused(tiny_pipeline_dir, prompt_file, tmp_pat
 
 def test_loader_reads_each_sample_once_per_epoch_across_two_hosts(reference):
     dataset = TripletDataset(reference)
-    hosts = [TripletLoader(dataset, global_batch=4, seed=3, process_index=p, process_count=2) for p in (0, 1)]
+    hosts = [
+        ShuffledLoader(dataset, global_batch=4, seed=3, process_index=p, process_count=2) for p in (0, 1)
+    ]
     assert hosts[0].steps_per_epoch == 3
     for epoch in range(2):
         seen = []
@@ -243,7 +246,7 @@ def test_stored_and_regenerated_x0_give_identical_batches(
     stored, regenerated = TripletDataset(tmp_path / "x0"), TripletDataset(reference)
     assert "x0" in stored._reader(0).row_names and "x0" not in regenerated._reader(0).row_names
     for step in range(4):
-        a = TripletLoader(stored, 4, seed=1).batch_indices(step)
+        a = ShuffledLoader(stored, 4, seed=1).batch_indices(step)
         one, two = stored.read(a), regenerated.read(a)
         for key in ("x0", "x1", "index"):
             np.testing.assert_array_equal(one[key], two[key])

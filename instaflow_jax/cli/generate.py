@@ -25,7 +25,7 @@ from instaflow_jax.cli.extensions import (
     controlnet_kwargs,
 )
 from instaflow_jax.files import ensure_writable_folder
-from instaflow_jax.images import make_grid, save_png
+from instaflow_jax.image_io import make_grid, save_png
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from instaflow_jax.cli.common import (
 )
 from instaflow_jax.conventions import latent_shape
 from instaflow_jax.files import ensure_writable_folder
-from instaflow_jax.images import save_gif, save_png
+from instaflow_jax.image_io import save_gif, save_png
 from instaflow_jax.progress import progress_bar
 from instaflow_jax.sampling.interpolation import interpolation_latents
 

@@ -3,8 +3,7 @@
 [0, 1], ``prompt`` (k strings) and ``index``.
 
 ``data.images`` is a registered name or an import path ``"package.module:Factory"``, imported on
-demand; ``IMPORT_PATHS`` names the import paths of datasets whose modules are not imported
-beforehand (the toy's, under the name its configs and checkpoints carry)."""
+demand (the small-scale reproduction's shapes: ``"instaflow_jax.examples.toy.data:ToyShapes"``)."""
 
 from __future__ import annotations
 
@@ -13,8 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 _FACTORIES: dict[str, Callable[..., Any]] = {}
-
-IMPORT_PATHS = {"toy_shapes": "instaflow_jax.examples.toy_data:ToyShapes"}
 
 
 def register_image_dataset(name: str) -> Callable:
@@ -40,14 +37,14 @@ def _import_factory(path: str) -> Callable[..., Any]:
 
 
 def make_image_dataset(name: str, num_images: int, seed: int, height: int, width: int) -> Any:
-    """The dataset ``name`` (registered, in ``IMPORT_PATHS``, or ``"module:attribute"``)."""
+    """The dataset ``name`` (registered, or ``"module:attribute"``)."""
     if name in _FACTORIES:
         factory = _FACTORIES[name]
-    elif name in IMPORT_PATHS or ":" in name:
-        factory = _import_factory(IMPORT_PATHS.get(name, name))
+    elif ":" in name:
+        factory = _import_factory(name)
     else:
         raise ValueError(
-            f"unknown image dataset {name!r}; registered: {sorted(set(_FACTORIES) | set(IMPORT_PATHS))}, "
+            f"unknown image dataset {name!r}; registered: {sorted(_FACTORIES)}, "
             "or give an import path 'package.module:Factory'."
         )
     return factory(num_images=num_images, seed=seed, height=height, width=width)

@@ -110,7 +110,7 @@ def _parquet(path: epath.Path, column: str) -> Iterator[str]:
     return (str(v) for v in table.column(column).to_pylist() if v is not None)
 
 
-def _tfds_folder(data_dir: epath.Path, name: str) -> epath.Path:
+def prepared_tfds_folder(data_dir: epath.Path, name: str) -> epath.Path:
     """The prepared dataset folder ``data_dir/name[/config]/<latest version>``."""
     base = data_dir / name
     if not base.exists():
@@ -133,7 +133,7 @@ def _tfds_folder(data_dir: epath.Path, name: str) -> epath.Path:
 def _tfds(source: PromptSource) -> Iterator[str]:
     import tensorflow_datasets as tfds
 
-    folder = _tfds_folder(epath.Path(source.path), source.name)
+    folder = prepared_tfds_folder(epath.Path(source.path), source.name)
     builder = tfds.builder_from_directory(folder)
     if source.split not in builder.info.splits:
         raise PromptSourceError(f"{folder}: no split {source.split!r}; it has {list(builder.info.splits)}.")

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from instaflow_jax.data.loader import ShuffledLoader
 from instaflow_jax.data.shards import (
     ShardError,
     ShardReader,
@@ -214,6 +213,3 @@ class TripletDataset:
         out["index"] = indices
         out["prompt"] = [self.prompts[i] for i in indices]
         return out
-
-
-TripletLoader = ShuffledLoader  # the loader of triplet datasets (see data/loader.py)

@@ -24,7 +24,7 @@ from instaflow_jax.demo.engine import (
     DemoModel,
     size_label,
 )
-from instaflow_jax.images import make_grid, to_uint8
+from instaflow_jax.image_io import make_grid, to_uint8
 
 DEVICE_QUEUE = "device"  # every generation event shares this concurrency group, limit 1
 MAX_FRAMES = 16
@@ -42,8 +42,8 @@ def _error(message: str) -> str:
 def _describe(model: DemoModel) -> str:
     steps = "/".join(map(str, model.steps))
     kind = "one step" if model.steps == (1,) else f"{steps} Euler steps"
-    cfg = f", guidance {model.guidance:g}" if model.uses_guidance else ""
-    return f"**{model.name}** ({kind}{cfg})"
+    guidance = f", guidance {model.guidance:g}" if model.uses_guidance else ""
+    return f"**{model.name}** ({kind}{guidance})"
 
 
 @dataclasses.dataclass

@@ -19,10 +19,11 @@ import numpy as np
 
 from instaflow_jax.conventions import latent_shape
 from instaflow_jax.entry import USER_ERRORS
-from instaflow_jax.images import save_gif
+from instaflow_jax.image_io import save_gif
 from instaflow_jax.pipeline import Pipeline, Timings
 from instaflow_jax.precision import resolve_dtype
 from instaflow_jax.sampling.interpolation import interpolation_latents
+from instaflow_jax.sampling.velocity import guidance_enabled
 from instaflow_jax.weights.tiny import TINY_RANDOM, resolve_model
 
 DEFAULT_MODEL2_STEPS = (1, 2, 4, 8)
@@ -86,9 +87,9 @@ class CompileJob:
     guidance: float
 
     def describe(self) -> str:
-        cfg = "CFG on" if self.guidance > 1 else "CFG off"
+        guidance = "CFG on" if guidance_enabled(self.guidance) else "CFG off"
         images = f"{self.batch} image" + ("s" if self.batch > 1 else "")
-        return f"{self.model} {self.height}×{self.width}, {self.steps} step(s), {cfg}, {images}"
+        return f"{self.model} {self.height}×{self.width}, {self.steps} step(s), {guidance}, {images}"
 
 
 def size_label(size: tuple[int, int]) -> str:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from instaflow_jax.models.attention import dot_product_attention
-from instaflow_jax.models.configs import CLIPTextConfig
+from instaflow_jax.models.configs import CLIPTextConfig, CLIPVisionConfig
 from instaflow_jax.models.layers import Dtype, layer_norm
 
 
@@ -24,7 +24,7 @@ _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": lambda x: nn.gelu(x, approxima
 
 
 class CLIPAttention(nn.Module):
-    config: CLIPTextConfig
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = "auto"
@@ -36,12 +36,13 @@ class CLIPAttention(nn.Module):
         proj = lambda name, t: nn.Dense(cfg.hidden_size, dtype=d, param_dtype=p, name=name)(t)
         split = lambda t: t.reshape(t.shape[:2] + (heads, head_dim))
         q, k, v = (split(proj(n, x)) for n in ("q_proj", "k_proj", "v_proj"))
-        out = dot_product_attention(q, k, v, is_causal=True, implementation=self.attention_impl)
+        causal = cfg.CAUSAL_ATTENTION  # the text encoder's mask; the vision tower has none
+        out = dot_product_attention(q, k, v, is_causal=causal, implementation=self.attention_impl)
         return proj("out_proj", out.reshape(x.shape[:2] + (cfg.hidden_size,)))
 
 
 class CLIPEncoderLayer(nn.Module):
-    config: CLIPTextConfig
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = "auto"
@@ -58,7 +59,7 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    config: CLIPTextConfig
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -71,7 +72,7 @@ class CLIPMLP(nn.Module):
 
 
 class _Layers(nn.Module):
-    config: CLIPTextConfig
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = "auto"
@@ -86,7 +87,7 @@ class _Layers(nn.Module):
 
 
 class _Encoder(nn.Module):
-    config: CLIPTextConfig
+    config: CLIPTextConfig | CLIPVisionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = "auto"

@@ -247,6 +247,7 @@ class CLIPTextConfig(_Config):
     projection_dim: int = 768
 
     CLASS_NAMES: ClassVar[tuple[str, ...]] = ("CLIPTextModel",)
+    CAUSAL_ATTENTION: ClassVar[bool] = True  # the encoder layers (clip_text.py) read this
     IGNORED: ClassVar[frozenset[str]] = frozenset(
         {
             "architectures",
@@ -284,4 +285,49 @@ class CLIPTextConfig(_Config):
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig(_Config):
+    """transformers ``CLIPVisionModel``: a ViT whose encoder layers are the text encoder's, without
+    the causal mask. Defaults are transformers' (ViT-B/32); ViT-L/14 and ViT-g/14 set them all."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+
+    CLASS_NAMES: ClassVar[tuple[str, ...]] = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
+    CAUSAL_ATTENTION: ClassVar[bool] = False
+    IGNORED: ClassVar[frozenset[str]] = CLIPTextConfig.IGNORED
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate(self, source: str) -> None:
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ConfigError(f"{source}: hidden_act {self.hidden_act!r}; expected quick_gelu or gelu.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"{source}: hidden_size not divisible by num_attention_heads.")
+        if not isinstance(self.image_size, int) or not isinstance(self.patch_size, int):
+            raise ConfigError(
+                f"{source}: image_size {self.image_size!r} and patch_size {self.patch_size!r} must be "
+                "single integers (square images and patches)."
+            )
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"{source}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(architectures=["CLIPVisionModel"], model_type="clip_vision_model")
         return out

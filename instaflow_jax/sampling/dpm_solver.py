@@ -6,7 +6,8 @@ Matches diffusers ``DPMSolverMultistepScheduler`` with its defaults (``algorithm
 timesteps 999, 959, …, 40; the first step and the final step (to σ = 0) are first order.
 
 The schedule is precomputed in numpy (float64, stored float32); the loop is a ``lax.scan`` whose
-per-step update is ``x ← r·x + φ·x̂0 + ½·φ·w·(x̂0 − x̂0_prev)`` with
+per-step update (:func:`dpm_solver_step`, the one step both the sampler and the trajectory use) is
+``x ← r·x + φ·x̂0 + ½·φ·w·(x̂0 − x̂0_prev)`` with
 ``x̂0 = (x − σ_s·ε) / α_s``, ``r = σ_t/σ_s``, ``φ = α_t (1 − e^{−h})`` and ``w = h / h_prev`` on
 second-order steps (0 otherwise), ``h`` the step in log-SNR λ = log(α/σ).
 """
@@ -109,27 +110,44 @@ class DPMSolverSchedule:
         return cls(*coefficients)
 
 
+def schedule_array(schedule: DPMSolverSchedule) -> jax.Array:
+    """The schedule's per-step constants as one float32 array [num_steps, 6], the rows a
+    ``lax.scan`` over :func:`dpm_solver_step` consumes (fields in declaration order)."""
+    return jnp.stack([jnp.asarray(getattr(schedule, f.name)) for f in dataclasses.fields(schedule)], axis=1)
+
+
+def dpm_solver_step(
+    eps_field: Field, x: jax.Array, x0_prev: jax.Array, c: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """One DPM-Solver++(2M) step from ``x`` [B, h, w, C] with the constants ``c`` [6] (a row of
+    :func:`schedule_array`) and the previous step's data estimate ``x0_prev`` (zeros at the
+    first step, whose weight is 0): returns (the next state, this step's data estimate x̂0)."""
+    t, alpha_s, sigma_s, ratio, phi, weight = (c[i] for i in range(6))
+    x0 = (x - sigma_s * eps_field(x, t).astype(jnp.float32)) / alpha_s
+    return ratio * x + phi * x0 + 0.5 * phi * weight * (x0 - x0_prev), x0
+
+
+def _scan(
+    eps_field: Field, x_t: jax.Array, schedule: DPMSolverSchedule, keep_states: bool = False
+) -> tuple[jax.Array, jax.Array | None]:
+    """(final state, the states before each step [N, B, …] or None) of the solver from ``x_t``."""
+
+    def step(carry, c):
+        x, x0_prev = carry
+        return dpm_solver_step(eps_field, x, x0_prev, c), (x if keep_states else None)
+
+    x = x_t.astype(jnp.float32)
+    (last, _), states = jax.lax.scan(step, (x, jnp.zeros_like(x)), schedule_array(schedule))
+    return last, states
+
+
 def dpm_solver_sample(eps_field: Field, x_t: jax.Array, schedule: DPMSolverSchedule) -> jax.Array:
     """Solve SD's probability-flow ODE from noise ``x_t`` [B, h, w, C] to a clean latent.
 
     ``eps_field(x, t_unet)`` predicts ε (e.g. ``unet_field`` of the SD UNet, with CFG). The
     initial noise scale of this scheduler is 1, so ``x_t`` is plain N(0, I) noise.
     """
-    coefficients = jnp.stack(
-        [jnp.asarray(getattr(schedule, f.name)) for f in dataclasses.fields(schedule)], axis=1
-    )
-
-    def step(carry: tuple[jax.Array, jax.Array], c: jax.Array) -> tuple[tuple[jax.Array, jax.Array], None]:
-        x, x0_prev = carry
-        t, alpha_s, sigma_s, ratio, phi, weight = (c[i] for i in range(6))
-        eps = eps_field(x, t).astype(jnp.float32)
-        x0 = (x - sigma_s * eps) / alpha_s
-        x_next = ratio * x + phi * x0 + 0.5 * phi * weight * (x0 - x0_prev)
-        return (x_next, x0), None
-
-    x = x_t.astype(jnp.float32)
-    (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), coefficients)
-    return x
+    return _scan(eps_field, x_t, schedule)[0]
 
 
 def rf_times(schedule: DPMSolverSchedule) -> np.ndarray:
@@ -151,19 +169,7 @@ def dpm_solver_trajectory(
     ``Z_k = x_k / (α_k + σ_k)`` at time ``t_k = α_k / (α_k + σ_k)`` (see :func:`rf_times`), so
     the SD teacher's flow can be compared with a rectified flow, e.g. for straightness.
     """
-    coefficients = jnp.stack(
-        [jnp.asarray(getattr(schedule, f.name)) for f in dataclasses.fields(schedule)], axis=1
-    )
-
-    def step(carry, c):
-        x, x0_prev = carry
-        t, alpha_s, sigma_s, ratio, phi, weight = (c[i] for i in range(6))
-        x0 = (x - sigma_s * eps_field(x, t).astype(jnp.float32)) / alpha_s
-        x_next = ratio * x + phi * x0 + 0.5 * phi * weight * (x0 - x0_prev)
-        return (x_next, x0), x
-
-    x = x_t.astype(jnp.float32)
-    (last, _), states = jax.lax.scan(step, (x, jnp.zeros_like(x)), coefficients)
+    last, states = _scan(eps_field, x_t, schedule, keep_states=True)
     xs = jnp.concatenate([states, last[None]], axis=0)
     scale = np.concatenate([schedule.alpha_s + schedule.sigma_s, [1.0]]).astype(np.float32)
     return xs / jnp.asarray(scale).reshape((-1,) + (1,) * (xs.ndim - 1)), rf_times(schedule)

@@ -60,6 +60,6 @@ def unet_field(
     return guided
 
 
-def use_cfg(guidance_scale: float) -> bool:
+def guidance_enabled(guidance_scale: float) -> bool:
     """CFG is on only for g > 1; otherwise one conditional pass (g = 0 or 1 are the same)."""
     return float(guidance_scale) > 1.0

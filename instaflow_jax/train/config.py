@@ -15,6 +15,13 @@ from instaflow_jax.config_utils import from_dict
 from instaflow_jax.data.prompts import PromptSource
 from instaflow_jax.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from instaflow_jax.sampling.noise import MAX_SEED
+from instaflow_jax.sampling.text_to_image import (
+    RECTIFIED_FLOW_TEACHER,
+    SOLVERS,
+    SamplerSpec,
+    TeacherSpec,
+)
+from instaflow_jax.sampling.velocity import guidance_enabled
 
 OBJECTIVES = ("reflow", "distill", "direct_distill", "teacher_pretrain")
 DATA_KINDS = ("triplets", "prompts", "images")
@@ -38,8 +45,8 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """``triplets``: a folder of ``generate_triplets`` (x0, x1, prompt); ``prompts``: prompts +
-    noise from (seed, index), targets computed online; ``images``: a registered image dataset
-    (teacher pre-training, see ``instaflow_jax.examples``)."""
+    noise from (seed, index), targets computed online; ``images``: an image dataset (images,
+    prompt) found by registered name or import path (``data/images.py``), for teacher pre-training."""
 
     kind: str = "triplets"
     path: str = ""  # triplets folder
@@ -51,12 +58,25 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """The frozen teacher for targets computed online (distillation without stored X1)."""
+    """The frozen teacher for targets computed online (distillation without stored X1).
+
+    Defaults: the 2-RF teacher of one-step distillation (docs/method.md §4.3,
+    :data:`RECTIFIED_FLOW_TEACHER`: 25 Euler steps, CFG 1.5). Direct distillation from an SD
+    teacher computed online needs ``solver="dpmpp2m"`` (and ``guidance_scale=5.0`` to match
+    ``generate_triplets``' SD default, :data:`SD_TEACHER`).
+    Targets go through the same ``sampling.text_to_image`` path as stored triplets; the
+    unconditional prompt is always "" here (no negative-prompt key: a teacher with one is
+    distilled from its stored triplets).
+    """
 
     model: str = ""  # pipeline folder; "" = take X1 from the triplet data
-    solver: str = "euler"  # euler (2-RF) | dpmpp2m (SD, direct distillation)
-    num_steps: int = 25
-    guidance_scale: float = 1.5  # CFG against the empty prompt (negative prompts: stored triplets)
+    solver: str = RECTIFIED_FLOW_TEACHER.solver  # euler (2-RF) | dpmpp2m (SD, direct distillation)
+    num_steps: int = RECTIFIED_FLOW_TEACHER.num_steps
+    guidance_scale: float = RECTIFIED_FLOW_TEACHER.guidance_scale  # CFG against the empty prompt
+
+    def spec(self) -> TeacherSpec:
+        """How this teacher samples (the same function stores triplets)."""
+        return TeacherSpec(self.solver, self.num_steps, self.guidance_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +93,9 @@ class SampleConfig:
     num_steps: int = 1
     guidance_scale: float = 0.0
     seed: int = 0
+    # "euler" for a velocity UNet (reflow, distillation) | "dpmpp2m" for an ε-prediction UNet
+    # (teacher_pretrain: set it in that job's config).
+    solver: str = "euler"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +128,6 @@ class ProfileConfig:
 class TrainConfig:
     objective: str = "reflow"
     init_from: str = ""  # pipeline folder: student UNet init, frozen text encoder and VAE
-    init_unet_from_scratch: bool = False  # teacher_pretrain: random UNet instead of init_from's
-    # -1 negates the initial UNet's output layer: an ε-prediction init (SD) then starts from
-    # v ≈ −ε̂, the dominant term of the velocity target X1 − X0 near the noise end. The paper
-    # starts from SD as is (+1) and trains 70k+ steps; short runs (the toy) need the head start.
-    init_output_sign: int = 1
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     height: int = 512
@@ -156,9 +174,15 @@ class TrainConfig:
 
     @classmethod
     def from_config(cls, config: Any) -> TrainConfig:
-        cfg = from_dict(cls, config)
-        cfg.validate()
-        return cfg
+        parsed = from_dict(cls, config)
+        parsed.validate()
+        return parsed
+
+    def sample_spec(self) -> SamplerSpec:
+        """The sample grids' :class:`SamplerSpec`: ``sample.solver``, ``sample.num_steps``, CFG iff
+        ``sample.guidance_scale`` > 1, decoded images."""
+        s = self.sample
+        return SamplerSpec(s.num_steps, s.solver, guidance_enabled(s.guidance_scale), "image")
 
     def validate(self) -> None:
         problems = []
@@ -178,8 +202,6 @@ class TrainConfig:
             problems.append("prompt_dropout must lie in [0, 1] and 0 ≤ t_min < t_max ≤ 1")
         if not self.init_from:
             problems.append("init_from (a pipeline folder) is required")
-        if self.init_output_sign not in (1, -1):
-            problems.append(f"init_output_sign must be 1 or -1, got {self.init_output_sign}")
         if (
             self.objective in ("distill", "direct_distill")
             and self.data.kind == "prompts"
@@ -188,6 +210,10 @@ class TrainConfig:
             problems.append("distillation from prompts needs teacher.model to compute targets online")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             problems.append(f"attention {self.attention!r} (expected one of {ATTENTION_IMPLEMENTATIONS})")
+        if self.sample.solver not in SOLVERS:
+            problems.append(f"sample.solver {self.sample.solver!r} (expected one of {SOLVERS})")
+        if self.teacher.solver not in SOLVERS:
+            problems.append(f"teacher.solver {self.teacher.solver!r} (expected one of {SOLVERS})")
         if self.objective == "teacher_pretrain" and self.data.kind != "images":
             problems.append("teacher_pretrain trains on images: set data.kind='images'")
         problems += self._range_problems()

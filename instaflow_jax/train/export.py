@@ -72,18 +72,25 @@ def export_checkpoint(workdir: str, step: int, out: str, ema: bool = False) -> s
             raise FileNotFoundError(f"{directory} has no checkpoint of step {step}; saved steps: {listed}.")
         try:
             meta = checkpointer.read_meta(step)
-            cfg = TrainConfig.from_config(meta["config"])
+            stored = meta["config"]
+            sample = stored.get("sample", {})
+            if sample.get("solver") == "":  # saved when "" meant "the objective's"; unused here
+                stored = {**stored, "sample": {**sample, "solver": "euler"}}
+            config = TrainConfig.from_config(stored)
         except Exception as err:
             raise CheckpointError(
                 f"checkpoint step {step} in {directory} is damaged: its metadata cannot be read "
                 f"({type(err).__name__}); saved steps: {listed}."
             ) from err
         parts = load_pipeline_parts(
-            resolve_model(cfg.init_from), dtype=cfg.dtype, param_dtype=cfg.param_dtype, remat=cfg.remat
+            resolve_model(config.init_from),
+            dtype=config.dtype,
+            param_dtype=config.param_dtype,
+            remat=config.remat,
         )
-        optimizer, _ = make_optimizer(cfg.optimizer, cfg.num_steps)
-        abstract = jax.eval_shape(lambda p: create_state(p, optimizer), parts["params"]["unet"])
-        shardings = tree_shardings(abstract, make_mesh(jax.devices()), cfg.fsdp)
+        optimizer, _ = make_optimizer(config.optimizer, config.num_steps)
+        abstract = jax.eval_shape(lambda p: create_state(p, optimizer), parts.params["unet"])
+        shardings = tree_shardings(abstract, make_mesh(jax.devices()), config.fsdp)
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
         )
@@ -100,9 +107,9 @@ def export_checkpoint(workdir: str, step: int, out: str, ema: bool = False) -> s
     ensure_writable_folder(out, "--out")
     return export_pipeline(
         out,
-        parts["modules"],
+        parts.modules,
         state.ema_params if ema else state.params,
-        parts["params"],
-        parts["tokenizer"],
-        parts["scheduler_config"],
+        parts.params,
+        parts.tokenizer,
+        parts.scheduler_config,
     )

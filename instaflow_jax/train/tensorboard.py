@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from instaflow_jax.images import to_uint8
+from instaflow_jax.image_io import to_uint8
 
 # Dense bf16 peak FLOP/s of one chip (vendor data sheets), matched as lower-case substrings of
 # ``jax.Device.device_kind`` in this order (the first match wins).

@@ -32,8 +32,7 @@ from instaflow_jax.data.prompt_noise import PromptNoiseDataset
 from instaflow_jax.data.prompts import load_prompts
 from instaflow_jax.data.triplets import TripletDataset
 from instaflow_jax.files import ensure_writable_folder
-from instaflow_jax.generation import SamplerSpec, make_generate_fn
-from instaflow_jax.images import make_grid, save_png
+from instaflow_jax.image_io import make_grid, save_png
 from instaflow_jax.parallel import (
     barrier,
     batch_sharded,
@@ -48,6 +47,7 @@ from instaflow_jax.parallel import (
 from instaflow_jax.phases import Phase, phase
 from instaflow_jax.progress import progress_bar
 from instaflow_jax.sampling.noise import noise_for_indices
+from instaflow_jax.sampling.text_to_image import make_generate_fn
 from instaflow_jax.text import tokenize
 from instaflow_jax.train.checkpoint import Checkpointer, config_differences
 from instaflow_jax.train.config import TrainConfig
@@ -58,7 +58,7 @@ from instaflow_jax.train.preemption import PreemptionWatch
 from instaflow_jax.train.state import TrainState, create_state, make_optimizer, train_step
 from instaflow_jax.train.tensorboard import TensorBoardWriter, compiled_flops, peak_flops, utilization
 from instaflow_jax.weights.folder import load_component
-from instaflow_jax.weights.pipeline_folder import load_pipeline_parts
+from instaflow_jax.weights.pipeline_folder import PipelineParts, load_pipeline_parts
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -75,76 +75,71 @@ class TrainResult:
     step: int = 0  # optimizer steps done when the run returned
 
 
-def _models(cfg: TrainConfig) -> dict[str, Any]:
+def _models(config: TrainConfig) -> PipelineParts:
     """Modules, numpy params, tokenizer and scheduler config of ``init_from`` (student init)."""
     from instaflow_jax.weights.tiny import resolve_model
 
-    parts = load_pipeline_parts(
-        resolve_model(cfg.init_from),
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        remat=cfg.remat,
-        attention_impl=cfg.attention,
+    return load_pipeline_parts(
+        resolve_model(config.init_from),
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        remat=config.remat,
+        attention_impl=config.attention,
     )
-    if cfg.init_unet_from_scratch:
-        unet = parts["modules"]["unet"]
-        dummy = (
-            jnp.zeros((1, 8, 8, unet.config.in_channels)),
-            jnp.ones((1,)),
-            jnp.zeros((1, 1, unet.config.cross_attention_dim)),
-        )
-        parts["params"]["unet"] = jax.tree.map(
-            np.asarray, jax.jit(unet.init)(jax.random.key(cfg.seed), *dummy)["params"]
-        )
-    if cfg.init_output_sign == -1:
-        head = parts["params"]["unet"]["conv_out"]
-        parts["params"]["unet"]["conv_out"] = {name: -np.asarray(value) for name, value in head.items()}
-    return parts
 
 
-def _frozen(cfg: TrainConfig, parts: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def _frozen(config: TrainConfig, parts: PipelineParts) -> tuple[dict[str, Any], Any]:
     """What the objective needs but does not train; and the LPIPS module (or None)."""
     frozen = {
-        "text_encoder": parts["params"]["text_encoder"],
-        "vae": parts["params"]["vae"],
-        "uncond_ids": tokenize(parts["tokenizer"], [""]),
+        "text_encoder": parts.params["text_encoder"],
+        "vae": parts.params["vae"],
+        "uncond_ids": tokenize(parts.tokenizer, [""]),
     }
-    if cfg.teacher.model and cfg.objective in ("distill", "direct_distill"):
+    if config.teacher.model and config.objective in ("distill", "direct_distill"):
         from instaflow_jax.weights.tiny import resolve_model
 
-        teacher_unet, params = load_component(os.path.join(resolve_model(cfg.teacher.model), "unet"), "unet")
-        if teacher_unet.config != parts["modules"]["unet"].config:
+        teacher_unet, params = load_component(
+            os.path.join(resolve_model(config.teacher.model), "unet"), "unet"
+        )
+        if teacher_unet.config != parts.modules["unet"].config:
             raise ValueError(
                 "the teacher's UNet config differs from the student's; both must be SD 1.x UNets alike."
             )
         frozen["teacher_unet"] = params
     lpips_module = None
-    if cfg.loss == "lpips" and cfg.objective in ("distill", "direct_distill"):
+    if config.loss == "lpips" and config.objective in ("distill", "direct_distill"):
         from instaflow_jax.train.lpips import make_lpips
 
-        lpips_module, frozen["lpips"] = make_lpips(cfg.lpips_weights_dir or None, cfg.lpips_resize or 64)
+        lpips_module, frozen["lpips"] = make_lpips(
+            config.lpips_weights_dir or None, config.lpips_resize or 64
+        )
     return frozen, lpips_module
 
 
-def _dataset(cfg: TrainConfig, shape: tuple[int, int, int]) -> tuple[Any, int | None]:
+def _dataset(config: TrainConfig, shape: tuple[int, int, int]) -> tuple[Any, int | None]:
     """The dataset, and the seed X0 is drawn from on device (None: X0 is stored, or unused)."""
-    if cfg.data.kind == "triplets":
-        dataset = TripletDataset(cfg.data.path, regenerate_x0=False, as_float32=False)
+    if config.data.kind == "triplets":
+        dataset = TripletDataset(config.data.path, regenerate_x0=False, as_float32=False)
         if dataset.latent_shape != shape:
             raise ValueError(
-                f"{cfg.data.path} holds latents {dataset.latent_shape}, the config implies {shape}."
+                f"{config.data.path} holds latents {dataset.latent_shape}, the config implies {shape}."
             )
         return dataset, None if dataset.stores_x0 else dataset.manifest["seed"]
-    if cfg.data.kind == "prompts":
-        return PromptNoiseDataset(load_prompts(cfg.data.prompts), cfg.data.seed, shape), cfg.data.seed
-    images = make_image_dataset(cfg.data.images, cfg.data.num_images, cfg.data.seed, cfg.height, cfg.width)
+    if config.data.kind == "prompts":
+        return PromptNoiseDataset(
+            load_prompts(config.data.prompts), config.data.seed, shape
+        ), config.data.seed
+    images = make_image_dataset(
+        config.data.images, config.data.num_images, config.data.seed, config.height, config.width
+    )
     return images, None
 
 
 def _host_batch(local: dict[str, Any], tokenizer: Any, lock: threading.Lock) -> dict[str, np.ndarray]:
-    """A read batch → the step's host arrays (in the loader's threads): ``x0``/``x1``/``images``
-    as read, ``ids`` int32 [k, 77] and ``index`` uint32 [k], from which X0 is drawn on device."""
-    arrays = {k: v for k, v in local.items() if k in ("x0", "x1", "images")}
+    """A read batch → the step's host arrays (in the loader's threads): the dataset's arrays as
+    read (``x0``/``x1``, ``images`` …), ``ids`` int32 [k, 77] for ``prompt`` and ``index``
+    uint32 [k], from which X0 is drawn on device."""
+    arrays = {k: np.asarray(v) for k, v in local.items() if k not in ("prompt", "index")}
     with lock:  # a tokenizers-backed tokenizer must not be called from two threads at once
         arrays["ids"] = tokenize(tokenizer, local["prompt"])
     if "index" in local:
@@ -166,26 +161,24 @@ def _on_device(step: Callable, seed: int | None, shape: tuple[int, int, int]) ->
 
 
 def _sampler(
-    cfg: TrainConfig, parts: dict[str, Any], shape: tuple[int, int, int], ema_params: Any, frozen: Any
+    config: TrainConfig, parts: PipelineParts, shape: tuple[int, int, int], ema_params: Any, frozen: Any
 ):
     """``sample(unet_params, frozen) -> images`` for the PNG grids, from fixed prompts and noise.
 
     Compiled now for the shardings of ``ema_params`` and ``frozen`` (so no process compiles in
     the middle of the loop while the others wait in a collective)."""
-    prompts = list(cfg.sample.prompts)
-    solver = "dpmpp2m" if cfg.objective == "teacher_pretrain" else "euler"
-    cfg_on = cfg.sample.guidance_scale > 1.0
-    spec = SamplerSpec(cfg.sample.num_steps, solver, cfg_on, "image")
-    ids = tokenize(parts["tokenizer"], prompts)
-    uncond = tokenize(parts["tokenizer"], [""] * len(prompts)) if cfg_on else None
-    z0 = noise_for_indices(cfg.sample.seed, np.arange(len(prompts)), shape)
-    guidance = jnp.float32(cfg.sample.guidance_scale)
+    prompts = list(config.sample.prompts)
+    spec = config.sample_spec()
+    ids = tokenize(parts.tokenizer, prompts)
+    uncond = tokenize(parts.tokenizer, [""] * len(prompts)) if spec.cfg else None
+    z0 = noise_for_indices(config.sample.seed, np.arange(len(prompts)), shape)
+    guidance = jnp.float32(config.sample.guidance_scale)
 
     def params_of(unet_params, frozen):
         return {"unet": unet_params, "vae": frozen["vae"], "text_encoder": frozen["text_encoder"]}
 
     generate = (
-        jax.jit(make_generate_fn(parts["modules"], spec, parts["scheduler_config"]))
+        jax.jit(make_generate_fn(parts.modules, spec, parts.scheduler_config))
         .lower(params_of(ema_params, frozen), ids, uncond, z0, guidance)
         .compile()
     )
@@ -199,11 +192,11 @@ def _sampler(
 
 def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     """Train (or resume) the job of ``config`` in ``workdir``; export the UNet at the end."""
-    cfg = TrainConfig.from_config(config)
-    plain_config = to_plain(cfg)
+    config = TrainConfig.from_config(config)
+    plain_config = to_plain(config)
     # ---------------------------------------------------------------- mesh
     ensure_writable_folder(workdir, "the run folder (--workdir)")
-    d = cfg.distributed
+    d = config.distributed
     if d.enabled:
         initialize_distributed(
             d.coordinator_address,
@@ -216,42 +209,44 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     lead = jax.process_index() == 0
     enable_compilation_cache()
     # ---------------------------------------------------------------- models
-    with phase(f"loading models from {cfg.init_from}", lead):
-        parts = _models(cfg)
-    modules, tokenizer = parts["modules"], parts["tokenizer"]
+    with phase(f"loading models from {config.init_from}", lead):
+        parts = _models(config)
+    modules, tokenizer = parts.modules, parts.tokenizer
     vae = modules["vae"]
-    shape = latent_shape(1, cfg.height, cfg.width, vae.config.latent_channels, vae.config.downsample_factor)[
-        1:
+    shape = latent_shape(
+        1, config.height, config.width, vae.config.latent_channels, vae.config.downsample_factor
+    )[1:]
+    distill = config.objective in ("distill", "direct_distill")
+    extras = [
+        name for name, on in (("teacher", config.teacher.model), ("LPIPS", config.loss == "lpips")) if on
     ]
-    distill = cfg.objective in ("distill", "direct_distill")
-    extras = [name for name, on in (("teacher", cfg.teacher.model), ("LPIPS", cfg.loss == "lpips")) if on]
     with phase(f"loading {' and '.join(extras)}", lead and distill and bool(extras)):
-        frozen_host, lpips_module = _frozen(cfg, parts)
-    loss_fn = make_objective(cfg, modules, parts["scheduler_config"], lpips_module)
+        frozen_host, lpips_module = _frozen(config, parts)
+    loss_fn = make_objective(config, modules, parts.scheduler_config, lpips_module)
     # ---------------------------------------------------------------- input
-    dataset, noise_seed = _dataset(cfg, shape)
+    dataset, noise_seed = _dataset(config, shape)
     loader = ShuffledLoader(
         dataset,
-        cfg.batch_size,
-        seed=cfg.data.seed,
+        config.batch_size,
+        seed=config.data.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         transform=functools.partial(_host_batch, tokenizer=tokenizer, lock=threading.Lock()),
     )
     batches = loader.iterator()
-    if cfg.batch_size % mesh.size:
-        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {mesh.size} devices.")
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {mesh.size} devices.")
     # ---------------------------------------------------------------- state and shardings
-    optimizer, schedule = make_optimizer(cfg.optimizer, cfg.num_steps)
-    abstract = jax.eval_shape(functools.partial(create_state, optimizer=optimizer), parts["params"]["unet"])
-    state_shardings = tree_shardings(abstract, mesh, cfg.fsdp)
-    frozen_shardings = tree_shardings(frozen_host, mesh, cfg.fsdp)
+    optimizer, schedule = make_optimizer(config.optimizer, config.num_steps)
+    abstract = jax.eval_shape(functools.partial(create_state, optimizer=optimizer), parts.params["unet"])
+    state_shardings = tree_shardings(abstract, mesh, config.fsdp)
+    frozen_shardings = tree_shardings(frozen_host, mesh, config.fsdp)
     frozen = place(frozen_host, frozen_shardings)
     # ---------------------------------------------------------------- checkpoint
     # Hosts load models at different speeds; meet before orbax's first (collective) barrier.
     barrier("models-loaded", d.barrier_timeout_s)
     checkpointer = Checkpointer(
-        os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints, cfg.checkpoint_every
+        os.path.join(workdir, "checkpoints"), config.keep_checkpoints, config.checkpoint_every
     )
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
@@ -259,7 +254,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     with phase("restoring the latest checkpoint", lead and checkpointer.latest_step() is not None):
         restored = checkpointer.restore_latest(target)
     if restored is None:
-        unet_params = place(parts["params"]["unet"], tree_shardings(parts["params"]["unet"], mesh, cfg.fsdp))
+        unet_params = place(parts.params["unet"], tree_shardings(parts.params["unet"], mesh, config.fsdp))
         state = jax.jit(functools.partial(create_state, optimizer=optimizer), out_shardings=state_shardings)(
             unet_params
         )
@@ -280,7 +275,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
                     file=sys.stderr,
                     flush=True,
                 )
-    del parts["params"]["unet"]
+    del parts.params["unet"]
     # ---------------------------------------------------------------- compile
     step_fn = jax.jit(
         _on_device(
@@ -289,9 +284,9 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
                 loss_fn=loss_fn,
                 optimizer=optimizer,
                 schedule=schedule,
-                ema_decay=cfg.ema_decay,
-                grad_accum=cfg.grad_accum,
-                seed=cfg.seed,
+                ema_decay=config.ema_decay,
+                grad_accum=config.grad_accum,
+                seed=config.seed,
             ),
             noise_seed,
             shape,
@@ -305,8 +300,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     compiled = step_fn.lower(state, frozen, first).compile()
     compile_s = compiling.done()
     flops, peak = compiled_flops(compiled), peak_flops(jax.devices()[0].device_kind)
-    with phase("compiling sampler", lead and cfg.sample.every > 0) as compiling:
-        sample = _sampler(cfg, parts, shape, state.ema_params, frozen) if cfg.sample.every > 0 else None
+    with phase("compiling sampler", lead and config.sample.every > 0) as compiling:
+        sample = _sampler(config, parts, shape, state.ema_params, frozen) if config.sample.every > 0 else None
     compile_s += compiling.seconds
     # The first collective runs next: processes that compiled at different speeds meet here.
     barrier("compiled", d.barrier_timeout_s)
@@ -314,17 +309,19 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     writer = MetricsWriter(workdir, enabled=lead, resume_step=start)
     board = TensorBoardWriter(os.path.join(workdir, "tensorboard"), enabled=lead, resume_step=start)
     board.hparams(plain_config)
-    profile = cfg.profile
+    profile = config.profile
     trace_end = profile.start_step + profile.num_steps if lead and profile.num_steps else -1
     losses: dict[int, float] = {}
-    progress = progress_bar(total=cfg.num_steps, initial=start, unit="step", disable=not lead, desc="train")
+    progress = progress_bar(
+        total=config.num_steps, initial=start, unit="step", disable=not lead, desc="train"
+    )
     # step_time counts train steps only: the seconds spent since the last log sampling,
     # checkpointing or writing a trace (``side``, each timed after waiting for the step it follows)
     # are taken out, and logged as sample_s, checkpoint_s and trace_s.
     pending, tick, tick_step, side, tracing = None, time.perf_counter(), start, {}, False
     step, batch, preempted = start, first, False
     with PreemptionWatch(checkpointer) as preemption:
-        while step < cfg.num_steps:
+        while step < config.num_steps:
             if step == trace_end - profile.num_steps:
                 trace_start = time.perf_counter()
                 jax.profiler.start_trace(os.path.join(workdir, "tensorboard"), create_perfetto_trace=True)
@@ -335,29 +332,29 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
             pending = (step, metrics)
             done = step + 1
             values = None
-            if done % cfg.log_every == 0 or done == cfg.num_steps:
+            if done % config.log_every == 0 or done == config.num_steps:
                 values = {k: local_value(v) for k, v in metrics.items()}  # waits for the step
                 _check_finite(step, values, checkpointer)
                 elapsed = time.perf_counter() - tick - sum(side.values())
                 values["step_time"] = elapsed / max(done - tick_step, 1)
-                values["images_per_s"] = cfg.batch_size / values["step_time"]
+                values["images_per_s"] = config.batch_size / values["step_time"]
                 values.update(utilization(flops, values["step_time"], peak))
                 values["compile_s"] = compile_s  # train step + sampler, once at start-up
                 losses[done] = values["loss"]
                 progress.set_postfix(loss=f"{values['loss']:.4g}", lr=f"{values['lr']:.2e}")
-            if tracing and done in (trace_end, cfg.num_steps):
+            if tracing and done in (trace_end, config.num_steps):
                 side["trace_s"] = side.get("trace_s", 0.0) + _stop_trace(state)
                 tracing = False
             preempted = preemption.should_stop(done)
-            forced = done == cfg.num_steps or preempted
-            if forced or done % cfg.checkpoint_every == 0:
+            forced = done == config.num_steps or preempted
+            if forced or done % config.checkpoint_every == 0:
                 _check_finite(step, metrics, checkpointer)  # never checkpoint a non-finite update
             save_start = time.perf_counter()
             if checkpointer.save(done, state, plain_config, force=forced, data=loader.state(batches)):
                 side["checkpoint_s"] = side.get("checkpoint_s", 0.0) + time.perf_counter() - save_start
             progress.update(1)
             step = done
-            sample_now = sample is not None and (done % cfg.sample.every == 0 or done == cfg.num_steps)
+            sample_now = sample is not None and (done % config.sample.every == 0 or done == config.num_steps)
             if sample_now and not preempted:
                 jax.block_until_ready(state.ema_params)  # the step's own time stays step time
                 sample_start = time.perf_counter()
@@ -373,7 +370,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
                 tick, tick_step, side = time.perf_counter(), done, {}
             if preempted:
                 break
-            if step < cfg.num_steps:
+            if step < config.num_steps:
                 batch = global_batch(next(batches), mesh)
     progress.close()
     batches.close()  # stops Grain's read threads
@@ -388,10 +385,10 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
     export_pipeline(
         export_dir,
         modules,
-        state.ema_params if cfg.export_ema else state.params,
+        state.ema_params if config.export_ema else state.params,
         frozen,
         tokenizer,
-        parts["scheduler_config"],
+        parts.scheduler_config,
     )
     if lead:
         plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "metrics.png"))

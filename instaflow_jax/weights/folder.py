@@ -49,11 +49,14 @@ class ComponentSpec:
     """How to build, check and name the files of one kind of component."""
 
     family: str  # "unet", "vae" or "clip" (conversion rules)
-    config_cls: type
+    config_cls: type  # the default: a config.json naming another class is refused by its from_dict
     module_cls: type
     torch_stems: tuple[str, ...]  # file stems of PyTorch weights, preferred first
     msgpack_name: str
     dummy_inputs: Callable[[Any], tuple]
+    # Other classes a folder of this kind may hold, by the ``_class_name`` of its config.json
+    # (keys of ``MODEL_CLASSES``).
+    other_classes: tuple[str, ...] = ()
 
     def expected_shapes(self, module: Any) -> dict:
         return dict(_expected_shapes(self, module))  # modules are hashable: traced once each
@@ -85,6 +88,20 @@ def _controlnet_inputs(c: ControlNetConfig) -> tuple:
     )
 
 
+# Flax module and config classes by the class name a component's ``config.json`` carries
+# (``_class_name``, or transformers' ``architectures[0]``): diffusers' and transformers' names, and
+# instaflow_jax's own parameter-free ``IdentityAutoencoder`` for pixel-space pipelines.
+MODEL_CLASSES: dict[str, tuple[type, type]] = {
+    config_cls.CLASS_NAMES[0]: (module_cls, config_cls)
+    for module_cls, config_cls in (
+        (UNet2DConditionModel, UNetConfig),
+        (AutoencoderKL, VAEConfig),
+        (IdentityAutoencoder, IdentityVAEConfig),
+        (CLIPTextModel, CLIPTextConfig),
+        (ControlNetModel, ControlNetConfig),
+    )
+}
+
 SPECS: dict[str, ComponentSpec] = {
     "unet": ComponentSpec(
         "unet",
@@ -101,6 +118,7 @@ SPECS: dict[str, ComponentSpec] = {
         ("diffusion_pytorch_model",),
         "diffusion_flax_model.msgpack",
         lambda c: (jnp.zeros((1, c.downsample_factor, c.downsample_factor, c.in_channels)),),
+        other_classes=("IdentityAutoencoder",),
     ),
     "text_encoder": ComponentSpec(
         "clip",
@@ -135,14 +153,18 @@ def read_config(folder: str, kind: str) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing; a diffusers {kind} folder needs config.json.")
     raw = read_json(path, REDOWNLOAD)
-    if kind == "vae" and raw.get("_class_name") == "IdentityAutoencoder":
-        return IdentityVAEConfig.from_dict(raw, source=path)
-    return _spec(kind).config_cls.from_dict(raw, source=path)
+    spec = _spec(kind)
+    class_name = raw.get("_class_name") or (raw.get("architectures") or [None])[0]
+    config_cls = MODEL_CLASSES[class_name][1] if class_name in spec.other_classes else spec.config_cls
+    return config_cls.from_dict(raw, source=path)
 
 
 def module_class(kind: str, config: Any) -> type:
-    """The Flax class for a component's config (the identity autoencoder for pixel space)."""
-    return IdentityAutoencoder if isinstance(config, IdentityVAEConfig) else _spec(kind).module_cls
+    """The Flax class for a component's config (``MODEL_CLASSES``, by the config's class name)."""
+    for module_cls, config_cls in MODEL_CLASSES.values():
+        if type(config) is config_cls:
+            return module_cls
+    return _spec(kind).module_cls
 
 
 def find_weights(folder: str, kind: str, variant: str | None = None) -> str:

@@ -7,6 +7,7 @@ cross-attention, a 9-channel inpainting UNet) is refused with one error saying w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any
@@ -100,13 +101,34 @@ def check_family(unet_config: Any, vae_config: Any, text_config: Any, folder: st
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class PipelineParts:
+    """What :func:`load_pipeline_parts` reads from a pipeline folder.
+
+    Attributes:
+      modules: ``unet``, ``vae``, ``text_encoder`` → Flax modules.
+      params: the same names → param trees (numpy arrays); the dict itself may be changed.
+      tokenizer: the CLIP tokenizer of ``tokenizer/``.
+      scheduler_config: ``scheduler/scheduler_config.json`` (SD 1.x's default when absent).
+      model_index: ``model_index.json``.
+      source: the resolved local folder.
+    """
+
+    modules: dict[str, Any]
+    params: dict[str, Any]
+    tokenizer: Any
+    scheduler_config: dict[str, Any]
+    model_index: dict[str, Any]
+    source: str
+
+
 def load_pipeline_parts(
     path: str,
     dtype: Any = "float32",
     param_dtype: Any = "float32",
     variant: str | None = None,
     **module_kwargs: Any,
-) -> dict[str, Any]:
+) -> PipelineParts:
     """Everything ``Pipeline`` needs from a folder: modules, params, tokenizer, scheduler config."""
     folder = resolve_folder(path)
     index = read_model_index(folder)
@@ -130,7 +152,7 @@ def load_pipeline_parts(
         modules[name], params[name] = load_component(
             os.path.join(folder, name), name, dtype, param_dtype, variant, **kwargs
         )
-    return dict(
+    return PipelineParts(
         modules=modules,
         params=params,
         tokenizer=load_tokenizer(tokenizer_folder),

@@ -20,7 +20,7 @@ def make_objective(
         return make_reflow_loss(modules, config.prompt_dropout, config.t_min, config.t_max)
     if config.objective == "teacher_pretrain":
         return make_teacher_pretrain_loss(modules, scheduler_config, config.prompt_dropout)
-    teacher = config.teacher if config.teacher.model else None
+    teacher = config.teacher.spec() if config.teacher.model else None
     kwargs = dict(
         loss_kind=config.loss,
         teacher=teacher,

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from instaflow_jax.conventions import from_image_range
-from instaflow_jax.generation import encode_text
+from instaflow_jax.sampling.text_to_image import encode_text
 
 LossFn = Callable[[Any, Mapping[str, Any], Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
 

@@ -16,42 +16,42 @@ from typing import Any
 
 import jax
 import numpy as np
-import scipy.linalg
 
 import instaflow_jax
-from instaflow_jax.examples.toy_classifier import features_and_predictions, load_or_train
-from instaflow_jax.examples.toy_data import ToyShapes
-from instaflow_jax.examples.toy_figures import plot_quality_vs_steps, plot_samples, plot_straightness
-from instaflow_jax.generation import encode_text
+from instaflow_jax.evaluation.fid import fid_from_features
+from instaflow_jax.examples.toy.classifier import features_and_predictions, load_or_train
+from instaflow_jax.examples.toy.data import ToyShapes
+from instaflow_jax.examples.toy.figures import plot_quality_vs_steps, plot_samples, plot_straightness
+from instaflow_jax.parallel import pad_batch
 from instaflow_jax.sampling import (
-    DPMSolverSchedule,
     dpm_solver_trajectory,
     euler_timesteps,
     euler_trajectory,
     rf_times,
     trajectory_straightness,
     trajectory_velocity_change,
-    unet_field,
 )
 from instaflow_jax.sampling.noise import noise_for_indices
+from instaflow_jax.sampling.text_to_image import SamplerSpec, encode_text, make_schedule, text_field
+from instaflow_jax.sampling.velocity import guidance_enabled
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """FID between Gaussians fitted to feature sets ``a`` [N, D] and ``b`` [M, D]."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root = scipy.linalg.sqrtm(cov_a @ cov_b)
-    if not np.all(np.isfinite(root)):  # singular covariances (fewer samples than dimensions)
-        eye = 1e-6 * np.eye(cov_a.shape[0])
-        root = scipy.linalg.sqrtm((cov_a + eye) @ (cov_b + eye))
-    root = root.real
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2.0 * root))
+    """FID between Gaussians fitted to feature sets ``a`` [N, D] and ``b`` [M, D]: the evaluation
+    package's (pytorch-fid's arithmetic) on the classifier's features; a collapsed model's
+    near-singular covariance never stops the toy (imaginary parts are dropped, not checked)."""
+    return fid_from_features(a, b, imaginary_atol=None)
 
 
 def prompt_accuracy(predicted: np.ndarray, labels: np.ndarray, named: np.ndarray) -> float:
     """Mean over samples of the fraction of named attributes predicted correctly."""
     correct = (predicted == labels) & named
     return float(np.mean(correct.sum(1) / named.sum(1)))
+
+
+def solver_for(model: str) -> str:
+    """The toy's teacher predicts ε (DPM-Solver++); every other toy model is a rectified flow (Euler)."""
+    return "dpmpp2m" if model == "teacher" else "euler"
 
 
 def generate_all(
@@ -61,10 +61,9 @@ def generate_all(
     out, chunk = [], min(chunk, len(prompts))
     for start in range(0, len(prompts), chunk):
         part, latents = prompts[start : start + chunk], noise[start : start + chunk]
-        pad = chunk - len(part)
-        part = part + [part[-1]] * pad
-        latents = np.concatenate([latents, np.repeat(latents[-1:], pad, axis=0)])
-        out.append(pipe.generate(part, latents=latents.transpose(0, 3, 1, 2), **kwargs)[: chunk - pad])
+        part = pad_batch(np.asarray(part), chunk).tolist()
+        latents = pad_batch(latents, chunk).transpose(0, 3, 1, 2)
+        out.append(pipe.generate(part, latents=latents, **kwargs)[: min(chunk, len(prompts) - start)])
     return np.concatenate(out)
 
 
@@ -72,42 +71,41 @@ def model_trajectory(
     pipe: Any, kind: str, prompts: list[str], noise: np.ndarray, steps: int, guidance: float
 ):
     """(Z [N + 1, B, h, w, C], t [N + 1]) of the teacher (DPM-Solver++ in rectified-flow
-    coordinates) or of a rectified flow (Euler), with CFG when ``guidance`` > 1."""
-    context = encode_text(pipe.text_encoder, pipe.params["text_encoder"], pipe.tokenize(prompts))
-    uncond = None
-    if guidance > 1.0:
-        uncond = encode_text(
-            pipe.text_encoder, pipe.params["text_encoder"], pipe.tokenize([""] * len(prompts))
-        )
-    field = unet_field(pipe.unet, pipe.params["unet"], context, uncond, guidance)
-    if kind == "teacher":
-        schedule = DPMSolverSchedule.create(pipe.scheduler_config, steps)
+    coordinates) or of a rectified flow (Euler), with CFG when ``guidance_enabled(guidance)``:
+    the field and schedule of ``sampling.text_to_image``, solved step by step."""
+    spec = SamplerSpec(steps, solver_for(kind), guidance_enabled(guidance), "latent")
+    encoder, encoder_params = pipe.modules["text_encoder"], pipe.params["text_encoder"]
+    context = encode_text(encoder, encoder_params, pipe.tokenize(prompts))
+    uncond = encode_text(encoder, encoder_params, pipe.tokenize([""] * len(prompts))) if spec.cfg else None
+    field = text_field(pipe.modules, pipe.params, context, uncond, guidance)
+    schedule = make_schedule(spec, pipe.scheduler_config)
+    if schedule is not None:
         return jax.jit(lambda z: dpm_solver_trajectory(field, z, schedule)[0])(noise), rf_times(schedule)
     zs, _ = jax.jit(lambda z: euler_trajectory(field, z, steps))(noise)
     times = np.concatenate([1.0 - np.asarray(euler_timesteps(steps)) / 1000.0, [1.0]])
     return zs, times
 
 
-def evaluate(run_dir: str, models: dict[str, str], cfg: Any, guidance: dict[str, float]) -> dict[str, Any]:
+def evaluate(run_dir: str, models: dict[str, str], config: Any, guidance: dict[str, float]) -> dict[str, Any]:
     """Evaluate the exported pipelines ``models`` (name → folder; ``teacher``, ``2rf``, …).
 
     Writes ``eval/results.json``, ``eval/results.md`` and figures; returns the results.
     """
     out = os.path.join(run_dir, "eval")
     os.makedirs(out, exist_ok=True)
-    size = cfg.image_size
-    classifier = load_or_train(os.path.join(out, "classifier.msgpack"), size, cfg.eval.classifier_steps)
-    real = ToyShapes(cfg.eval.num_samples, seed=cfg.eval.seed, height=size, width=size).read(
-        np.arange(cfg.eval.num_samples)
+    size = config.image_size
+    classifier = load_or_train(os.path.join(out, "classifier.msgpack"), size, config.eval.classifier_steps)
+    real = ToyShapes(config.eval.num_samples, seed=config.eval.seed, height=size, width=size).read(
+        np.arange(config.eval.num_samples)
     )
     real_features, real_predicted = features_and_predictions(classifier, real["images"])
     # The floor of the metric: other real images of the same distribution (another seed).
-    other = ToyShapes(cfg.eval.num_samples, seed=cfg.eval.seed + 1, height=size, width=size)
+    other = ToyShapes(config.eval.num_samples, seed=config.eval.seed + 1, height=size, width=size)
     other_features, _ = features_and_predictions(
-        classifier, other.read(np.arange(cfg.eval.num_samples))["images"]
+        classifier, other.read(np.arange(config.eval.num_samples))["images"]
     )
     prompts = real["prompt"]
-    noise = np.asarray(noise_for_indices(cfg.eval.seed, np.arange(len(prompts)), (size, size, 3)))
+    noise = np.asarray(noise_for_indices(config.eval.seed, np.arange(len(prompts)), (size, size, 3)))
     rows = [
         {
             "model": "real images",
@@ -119,13 +117,19 @@ def evaluate(run_dir: str, models: dict[str, str], cfg: Any, guidance: dict[str,
     ]
     grids, samples = {}, {}
     pipes = {name: instaflow_jax.load_pipeline(folder) for name, folder in models.items()}
-    plan = [("teacher", s) for s in cfg.eval.teacher_steps] + [("2rf", s) for s in cfg.eval.rf_steps]
+    plan = [("teacher", s) for s in config.eval.teacher_steps] + [("2rf", s) for s in config.eval.rf_steps]
     plan += [(name, 1) for name in models if name not in ("teacher", "2rf")]
     for name, steps in plan:
         pipe, g = pipes[name], guidance[name]
-        solver = "dpmpp2m" if name == "teacher" else "euler"
         images = generate_all(
-            pipe, prompts, noise, num_steps=steps, guidance_scale=g, solver=solver, height=size, width=size
+            pipe,
+            prompts,
+            noise,
+            num_steps=steps,
+            guidance_scale=g,
+            solver=solver_for(name),
+            height=size,
+            width=size,
         )
         features, predicted = features_and_predictions(classifier, images)
         rows.append(
@@ -137,12 +141,12 @@ def evaluate(run_dir: str, models: dict[str, str], cfg: Any, guidance: dict[str,
                 "prompt_accuracy": prompt_accuracy(predicted, real["labels"], real["named"]),
             }
         )
-        grids[f"{name} ({steps} step{'s' if steps > 1 else ''})"] = images[: cfg.eval.grid_prompts]
+        grids[f"{name} ({steps} step{'s' if steps > 1 else ''})"] = images[: config.eval.grid_prompts]
         samples[(name, steps)] = images
         fid, accuracy = rows[-1]["fid"], rows[-1]["prompt_accuracy"]
         print(f"  {name:>14} {steps:2d} steps: FID {fid:8.3f}  prompt accuracy {accuracy:.3f}")
     flows = {}
-    k = cfg.eval.straightness_samples
+    k = config.eval.straightness_samples
     for name in ("teacher", "2rf"):
         zs, ts = model_trajectory(pipes[name], name, prompts[:k], noise[:k], 25, guidance[name])
         s, _ = trajectory_straightness(zs, ts)
@@ -155,15 +159,15 @@ def evaluate(run_dir: str, models: dict[str, str], cfg: Any, guidance: dict[str,
         "rows": rows,
         "flows": flows,
         "distillation_error": distillation_error(samples),
-        "num_samples": cfg.eval.num_samples,
-        "eval_seed": cfg.eval.seed,
+        "num_samples": config.eval.num_samples,
+        "eval_seed": config.eval.seed,
         "straightness_samples": k,
         "guidance": guidance,
     }
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     write_report(
-        out, results, prompts[: cfg.eval.grid_prompts], grids, real["images"][: cfg.eval.grid_prompts]
+        out, results, prompts[: config.eval.grid_prompts], grids, real["images"][: config.eval.grid_prompts]
     )
     return results
 

@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from instaflow_jax.data.images import register_image_dataset
-
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
     "red": (0.9, 0.15, 0.1),
@@ -43,6 +41,8 @@ ATTRIBUTES = {
 }
 VOCABULARY = ("a", "at", "the", *SHAPES, *COLORS, *SIZES, "top", "bottom", "left", "right", "center")
 BACKGROUND = 0.08
+# The trainer's ``data.images`` for this dataset (found by import path: data/images.py).
+DATASET = "instaflow_jax.examples.toy.data:ToyShapes"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +130,3 @@ class ToyShapes:
             "labels": np.asarray([[s.labels[a] for a in ATTRIBUTES] for s in samples], np.int32),
             "named": np.asarray([[s.named[a] for a in ATTRIBUTES] for s in samples], bool),
         }
-
-
-register_image_dataset("toy_shapes")(ToyShapes)

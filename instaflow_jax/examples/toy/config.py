@@ -18,6 +18,7 @@ def get_config(variant: str = "") -> ConfigDict:
     config.checkpoints_per_stage = 4
     # Reflow and direct distillation start from the ε-teacher with its output layer negated
     # (v ≈ −ε̂): with a few hundred steps, starting from +ε̂ stalls (see docs/toy_results.md).
+    # The toy writes that start as a pipeline folder (starts.py); 1 starts from the teacher as is.
     config.init_output_sign = -1
     config.model = ConfigDict({"widths": (32, 64), "heads": 4, "text_width": 64, "text_layers": 2})
     # Stage 1: the SD-like teacher (ε-prediction), sampled with DPM-Solver++ and CFG.

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import serialization
 
-from instaflow_jax.examples.toy_data import ATTRIBUTES, ToyShapes
+from instaflow_jax.examples.toy.data import ATTRIBUTES, ToyShapes
 from instaflow_jax.files import write_bytes_atomic
 
 FEATURES = 64

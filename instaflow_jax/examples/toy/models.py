@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from instaflow_jax.examples.toy_data import VOCABULARY
+from instaflow_jax.examples.toy.data import VOCABULARY
 from instaflow_jax.models import CLIPTextModel, UNet2DConditionModel, UNetConfig
 from instaflow_jax.models.identity_vae import IdentityAutoencoder, IdentityVAEConfig
 from instaflow_jax.text import load_tokenizer
