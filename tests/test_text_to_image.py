@@ -93,6 +93,10 @@ def test_the_sample_grid_solver_is_a_config_field():
     for solver in ("ddim", ""):  # no solver is implied by the objective
         with pytest.raises(ValueError, match=rf"sample\.solver '{solver}'"):
             spec(sample={"solver": solver})
+    pretrain = {"objective": "teacher_pretrain", "data": {"kind": "images", "images": "test_colors"}}
+    with pytest.raises(ValueError, match=r"Euler cannot sample: set sample\.solver='dpmpp2m'"):
+        spec(**pretrain)  # an ε-prediction UNet's grids with Euler would be noise: refused loudly
+    assert spec(**pretrain, sample={"solver": "dpmpp2m"}).solver == "dpmpp2m"
 
 
 def test_the_trajectory_and_the_sampler_take_the_same_steps():

@@ -226,6 +226,24 @@ def test_resuming_a_finished_run_does_no_work(tiny_run, monkeypatch, capsys):
     assert capsys.readouterr().out.count("finished earlier, skipped") == len(toy.STAGES)
 
 
+def test_evaluation_reuses_its_feature_files(tiny_run, monkeypatch):
+    """A rerun of the evaluation stage reads every model's images and features back from
+    eval/features/ (the evaluation job's FeatureShards) and gives the same results."""
+    from instaflow_jax.examples.toy import evaluate as toy_evaluate
+
+    workdir, done = tiny_run
+    with open(os.path.join(workdir, "eval", "results.json")) as f:
+        first = json.load(f)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("generated again although the features were on disk")
+
+    monkeypatch.setattr(toy_evaluate, "generate_all", forbidden)
+    stages.stage_eval(get_config("tiny"), workdir, done)
+    with open(os.path.join(workdir, "eval", "results.json")) as f:
+        assert json.load(f) == first
+
+
 def test_toy_command_line(tiny_run):
     """``instaflow-toy --variant tiny --workdir DIR`` on a finished run: parses, skips, reports."""
     import subprocess

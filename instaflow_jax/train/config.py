@@ -216,6 +216,11 @@ class TrainConfig:
             problems.append(f"teacher.solver {self.teacher.solver!r} (expected one of {SOLVERS})")
         if self.objective == "teacher_pretrain" and self.data.kind != "images":
             problems.append("teacher_pretrain trains on images: set data.kind='images'")
+        if self.objective == "teacher_pretrain" and self.sample.every and self.sample.solver == "euler":
+            problems.append(
+                "teacher_pretrain trains an ε-prediction UNet, which Euler cannot sample: set "
+                "sample.solver='dpmpp2m' (or sample.every=0)"
+            )
         problems += self._range_problems()
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems) + ".")

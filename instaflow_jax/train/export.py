@@ -74,8 +74,9 @@ def export_checkpoint(workdir: str, step: int, out: str, ema: bool = False) -> s
             meta = checkpointer.read_meta(step)
             stored = meta["config"]
             sample = stored.get("sample", {})
-            if sample.get("solver") == "":  # saved when "" meant "the objective's"; unused here
-                stored = {**stored, "sample": {**sample, "solver": "euler"}}
+            if not sample.get("solver"):  # saved before sample.solver was explicit: its old meaning
+                legacy = "dpmpp2m" if stored.get("objective") == "teacher_pretrain" else "euler"
+                stored = {**stored, "sample": {**sample, "solver": legacy}}
             config = TrainConfig.from_config(stored)
         except Exception as err:
             raise CheckpointError(

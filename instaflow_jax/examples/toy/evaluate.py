@@ -5,11 +5,15 @@ Every model generates for the same ``num_samples`` evaluation prompts (drawn fro
 distribution with the eval seed) from the same initial noise (``fold_in(key(eval seed), i)``).
 FID compares the classifier's 64-d features of those generations with the features of
 ``num_samples`` real images of the same prompts; prompt accuracy is the fraction of attributes
-named in a prompt that the classifier finds in the image generated for it.
+named in a prompt that the classifier finds in the image generated for it. Each model's images,
+features and predictions are kept in ``eval/features/<model>-<steps>/`` with the evaluation job's
+``FeatureShards`` (manifest: the UNet's weights, steps, guidance, seed, classifier), so a rerun of an
+interrupted evaluation only generates what is missing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -18,6 +22,7 @@ import jax
 import numpy as np
 
 import instaflow_jax
+from instaflow_jax.evaluation.feature_shards import FeatureShards
 from instaflow_jax.evaluation.fid import fid_from_features
 from instaflow_jax.examples.toy.classifier import features_and_predictions, load_or_train
 from instaflow_jax.examples.toy.data import ToyShapes
@@ -86,6 +91,19 @@ def model_trajectory(
     return zs, times
 
 
+def file_fingerprint(path: str) -> str:
+    """sha256 (16 hex digits) of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def unet_fingerprint(folder: str) -> str:
+    """The exported pipeline's UNet weights, as a fingerprint (what a stage rerun changes)."""
+    unet = os.path.join(folder, "unet")
+    names = sorted(n for n in os.listdir(unet) if n.endswith((".safetensors", ".msgpack", ".bin")))
+    return ",".join(f"{n}:{file_fingerprint(os.path.join(unet, n))}" for n in names)
+
+
 def evaluate(run_dir: str, models: dict[str, str], config: Any, guidance: dict[str, float]) -> dict[str, Any]:
     """Evaluate the exported pipelines ``models`` (name → folder; ``teacher``, ``2rf``, …).
 
@@ -94,7 +112,8 @@ def evaluate(run_dir: str, models: dict[str, str], config: Any, guidance: dict[s
     out = os.path.join(run_dir, "eval")
     os.makedirs(out, exist_ok=True)
     size = config.image_size
-    classifier = load_or_train(os.path.join(out, "classifier.msgpack"), size, config.eval.classifier_steps)
+    classifier_path = os.path.join(out, "classifier.msgpack")
+    classifier = load_or_train(classifier_path, size, config.eval.classifier_steps)
     real = ToyShapes(config.eval.num_samples, seed=config.eval.seed, height=size, width=size).read(
         np.arange(config.eval.num_samples)
     )
@@ -121,17 +140,28 @@ def evaluate(run_dir: str, models: dict[str, str], config: Any, guidance: dict[s
     plan += [(name, 1) for name in models if name not in ("teacher", "2rf")]
     for name, steps in plan:
         pipe, g = pipes[name], guidance[name]
-        images = generate_all(
-            pipe,
-            prompts,
-            noise,
-            num_steps=steps,
-            guidance_scale=g,
-            solver=solver_for(name),
-            height=size,
-            width=size,
+        # The evaluation job's per-batch feature files (one batch per model and step count): a rerun
+        # of an interrupted evaluation skips what is done; other weights or settings are refused.
+        manifest = {"model": unet_fingerprint(models[name]), "steps": steps, "guidance": g}
+        manifest.update(eval_seed=config.eval.seed, classifier=file_fingerprint(classifier_path))
+        shards = FeatureShards(
+            os.path.join(out, "features", f"{name}-{steps}"), len(prompts), len(prompts), manifest
         )
-        features, predicted = features_and_predictions(classifier, images)
+        if shards.todo():
+            images = generate_all(
+                pipe,
+                prompts,
+                noise,
+                num_steps=steps,
+                guidance_scale=g,
+                solver=solver_for(name),
+                height=size,
+                width=size,
+            )
+            features, predicted = features_and_predictions(classifier, images)
+            shards.write(0, {"images": images, "features": features, "predicted": predicted})
+        stored = shards.read()
+        images, features, predicted = stored["images"], stored["features"], stored["predicted"]
         rows.append(
             {
                 "model": name,
