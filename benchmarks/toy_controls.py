@@ -6,9 +6,7 @@ The code is ``instaflow_jax/examples/toy/controls.py`` (see its docstring and ``
 
 from __future__ import annotations
 
-from instaflow_jax.examples.toy.controls import main, summarize
-
-__all__ = ["main", "summarize"]
+from instaflow_jax.examples.toy.controls import main
 
 if __name__ == "__main__":
     main()

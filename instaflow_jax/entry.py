@@ -47,11 +47,6 @@ def quiet_third_party() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
-def quiet_logs() -> None:
-    """Third-party log noise off (:func:`quiet_third_party`); absl INFO with --verbosity."""
-    quiet_third_party()
-
-
 USER_ERRORS = (
     FileNotFoundError,
     ConfigError,

@@ -118,6 +118,7 @@ class TripletJob:
             raise ValueError(f"latent_dtype {job.latent_dtype!r}; expected float16, bfloat16 or float32.")
         if job.verify not in VERIFY_MODES:
             raise ValueError(f"verify {job.verify!r}; expected one of {VERIFY_MODES}.")
+        job.teacher.spec()  # a solver or step count the teacher cannot run fails here, before any work
         return job
 
 
@@ -355,7 +356,7 @@ def run() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from instaflow_jax.entry import exit_on_user_errors, quiet_logs, run_absl
+    from instaflow_jax.entry import exit_on_user_errors, run_absl
 
     config = config_flags.DEFINE_config_file(
         "config", None, "job config, e.g. configs/triplets_sd15.py:tiny", lock_config=True
@@ -365,7 +366,6 @@ def run() -> None:
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        quiet_logs()
         print(f"writing triplets to {config.value.output_dir}", flush=True)
         with exit_on_user_errors():
             print(f"triplets in {generate_triplets(config.value)}")

@@ -32,6 +32,12 @@ def test_triplet_configs(variant):
     job = TripletJob.from_config(load_config("triplets_sd15", variant))
     assert job.teacher.solver == ("euler" if "2rf" in variant else "dpmpp2m")
     assert job.teacher.guidance_scale == (1.5 if "2rf" in variant else 5.0)
+    bad = load_config("triplets_sd15", variant)
+    bad.teacher.solver = (
+        "ddim"  # refused when the job is read, before a teacher loads or a manifest is written
+    )
+    with pytest.raises(ValueError, match="unknown solver 'ddim'"):
+        TripletJob.from_config(bad)
 
 
 @pytest.mark.parametrize(
@@ -185,3 +191,29 @@ def test_single_gpu_launch_runs_the_tiny_distillation(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "exported pipeline" in done.stdout
     assert (workdir / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("objective, solver", [("reflow", "euler"), ("teacher_pretrain", "dpmpp2m")])
+def test_configs_saved_by_earlier_versions_still_resume_and_export(objective, solver):
+    """A checkpoint's config from before the toy's start options left the trainer (and before
+    sample.solver was explicit) reads as today's config, with no difference a resume would refuse."""
+    from instaflow_jax.train.checkpoint import config_differences
+    from instaflow_jax.train.config import upgrade_saved_config
+
+    current = dataclasses.asdict(
+        TrainConfig.from_config(
+            {
+                "init_from": "x",
+                "objective": objective,
+                "data": {"kind": "images" if objective == "teacher_pretrain" else "triplets"},
+                "sample": {"solver": solver},
+            }
+        )
+    )
+    saved = {**current, "init_unet_from_scratch": True, "init_output_sign": -1}
+    saved["sample"] = {k: v for k, v in current["sample"].items() if k != "solver"}
+    with pytest.raises(Exception, match="init_output_sign"):
+        TrainConfig.from_config(saved)  # what export and resume met before the upgrade
+    upgraded = upgrade_saved_config(saved)
+    assert TrainConfig.from_config(upgraded).sample.solver == solver
+    assert config_differences(upgraded, current, TrainConfig.RESUMABLE_CHANGES) == []

@@ -279,13 +279,8 @@ def test_train_your_own_notebook_resumes_the_tiny_run(tiny_run, tmp_path):
 
 
 def test_toy_controls_summary_is_mean_and_sample_std_over_seeds():
-    import importlib.util
+    from instaflow_jax.examples.toy import controls
 
-    spec = importlib.util.spec_from_file_location(
-        "toy_controls", Path(__file__).parents[1] / "benchmarks/toy_controls.py"
-    )
-    controls = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(controls)
     per_seed = {
         seed: {
             "num_samples": 8,

@@ -1,8 +1,7 @@
 """Arguments and error handling shared by the command-line tools.
 
-The entry helpers (``run_cli``, ``run_absl``, ``USER_ERRORS``, log quieting) live in
-:mod:`instaflow_jax.entry` and ``resolve_dtype`` in :mod:`instaflow_jax.precision`; they are
-re-exported here, their former home.
+The entry helpers (``run_cli``, ``plain_text``, log quieting) live in :mod:`instaflow_jax.entry`
+and ``resolve_dtype`` in :mod:`instaflow_jax.precision`; the CLIs import them from here.
 """
 
 from __future__ import annotations
@@ -12,19 +11,7 @@ import math
 from typing import Any
 
 from instaflow_jax.conventions import VAE_DOWNSAMPLE
-from instaflow_jax.entry import (  # noqa: F401 (re-exported: the CLIs' and tests' import location)
-    HELP_ARGS,
-    USER_ERRORS,
-    absl_help,
-    config_keys,
-    flag_error_message,
-    plain_text,
-    program_name,
-    quiet_logs,
-    quiet_third_party,
-    run_absl,
-    run_cli,
-)
+from instaflow_jax.entry import plain_text, quiet_third_party, run_cli  # noqa: F401 (the CLIs' import location)
 from instaflow_jax.models.attention import IMPLEMENTATIONS
 from instaflow_jax.precision import resolve_dtype
 from instaflow_jax.weights.tiny import TINY_RANDOM, resolve_model

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import argparse
 
-from instaflow_jax.cli.common import add_sampling_arguments, plain_text, run_cli
+from instaflow_jax.cli.common import (
+    add_model_arguments,
+    add_sampling_arguments,
+    check_settings,
+    check_size,
+    plain_text,
+    run_cli,
+)
 from instaflow_jax.evaluation.coco import PROTOCOLS
 from instaflow_jax.evaluation.job import DEFAULT_STATS_CACHE, EvalSettings, evaluate
-from instaflow_jax.models.attention import IMPLEMENTATIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instaflow-eval", description=plain_text(__doc__))
-    parser.add_argument("--model", required=True, help="pipeline folder, cached repo id or tiny-random.")
+    add_model_arguments(parser)  # --model, --dtype, --height, --width, --attention
     parser.add_argument("--protocol", default="coco2017-5k", choices=sorted(PROTOCOLS))
     parser.add_argument(
         "--coco",
@@ -64,10 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write every image to OUT/images/.",
     )
-    parser.add_argument("--height", type=int, default=None, help="generation height (default: native).")
-    parser.add_argument("--width", type=int, default=None, help="generation width (default: native).")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16.")
-    parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS)
     parser.add_argument(
         "--distributed",
         action="store_true",
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_settings(args)  # seed, steps and guidance, before anything loads
+    check_size(args)
     fields = {name: getattr(args, name) for name in EvalSettings.__dataclass_fields__}
     evaluate(EvalSettings(**fields))
 

@@ -52,10 +52,8 @@ def push_to_hub(folder: str, repo: str, private: bool, message: str) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from instaflow_jax.entry import quiet_logs
     from instaflow_jax.train.export import export_checkpoint
 
-    quiet_logs()
     weights = "EMA" if args.ema else "raw"
     out = export_checkpoint(args.workdir, args.step, args.out, ema=args.ema)
     print(f"wrote {out} (step {args.step}, {weights} UNet weights)")

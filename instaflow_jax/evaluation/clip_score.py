@@ -16,9 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# OpenAI CLIP's normalisation (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from instaflow_jax.weights.clip_model import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from instaflow_jax.evaluation.clip_score import clip_cosine, clip_preprocess
+from instaflow_jax.files import fingerprint
 from instaflow_jax.models.clip_vision import get_image_features, get_text_features
 from instaflow_jax.models.inception import inception_features
 from instaflow_jax.parallel import replicated
@@ -36,7 +37,7 @@ class FeatureNetworks:
     """Inception (FID) and CLIP (CLIP score) with their params (replicated over ``mesh``).
 
     ``params`` holds ``"inception"`` and/or ``"clip"``; ``inception_id``/``clip_id`` name the weights
-    (file or folder name and size) in manifests, so features of other weights are never mixed in.
+    (name and content fingerprint) in manifests, so features of other weights are never mixed in.
     """
 
     params: dict[str, Any]
@@ -80,16 +81,8 @@ class FeatureNetworks:
 
 
 def _weights_id(path: str) -> str:
-    """A name for weights in manifests: the file's (or folder's files') name and byte size."""
-    if os.path.isdir(path):
-        size = sum(
-            os.path.getsize(os.path.join(path, n))
-            for n in sorted(os.listdir(path))
-            if n.endswith((".safetensors", ".bin"))
-        )
-    else:
-        size = os.path.getsize(path)
-    return f"{os.path.basename(os.path.normpath(path))}-{size}"
+    """The weights' name in manifests and cache keys: file (or folder) name and content fingerprint."""
+    return f"{os.path.basename(os.path.normpath(path))}-{fingerprint(path)}"
 
 
 def load_feature_networks(

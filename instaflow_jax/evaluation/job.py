@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from instaflow_jax.data.prompts import PromptSource, load_prompts
@@ -36,7 +35,7 @@ from instaflow_jax.evaluation.feature_shards import FeatureShards
 from instaflow_jax.evaluation.fid import GaussianStats, frechet_distance
 from instaflow_jax.evaluation.report import write_report
 from instaflow_jax.files import ensure_writable_folder, write_json_atomic
-from instaflow_jax.image_io import make_grid, save_png
+from instaflow_jax.image_io import make_grid, save_png, to_uint8
 from instaflow_jax.parallel import (
     barrier,
     batch_sharded,
@@ -48,6 +47,13 @@ from instaflow_jax.parallel import (
 )
 from instaflow_jax.progress import progress_bar
 from instaflow_jax.sampling.noise import noise_for_indices
+from instaflow_jax.sampling.text_to_image import (
+    NonFiniteOutputError,
+    SamplerSpec,
+    describe_non_finite,
+    make_generate_fn,
+    with_finite_flags,
+)
 from instaflow_jax.sampling.velocity import guidance_enabled
 
 GRID_IMAGES = 16
@@ -146,25 +152,15 @@ def load_samples(settings: EvalSettings) -> tuple[list[Sample], Protocol | None]
     return draw_samples(settings.coco, protocol, settings.caption_seed, settings.num_images), protocol
 
 
-def _to_uint8(images: jax.Array) -> jax.Array:
-    return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-
-
-def make_eval_step(pipe: Any, nets: FeatureNetworks, num_steps: int, solver: str, guidance: bool):
-    """``step(params, ids, uncond_ids, z0, g, clip_ids) -> {"pool", "clip_cos", "finite",
-    "images"}``: generation and both feature networks in one pure function (jit it)."""
-    from instaflow_jax.sampling.text_to_image import SamplerSpec, make_generate_fn
-
-    spec = SamplerSpec(num_steps, solver, guidance, "image")
-    modules = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder}
-    generate = make_generate_fn(modules, spec, pipe.scheduler_config)
+def make_eval_step(pipe: Any, nets: FeatureNetworks, spec: SamplerSpec):
+    """``step(params, ids, uncond_ids, z0, g, clip_ids) -> ({"pool", "clip_cos"}, images, finite)``:
+    generation and both feature networks in one pure function (jit it). ``params`` holds the
+    pipeline's under ``"pipeline"`` beside ``nets.params``."""
+    generate = with_finite_flags(make_generate_fn(pipe.modules, spec, pipe.scheduler_config))
 
     def step(params, ids, uncond_ids, z0, g, clip_ids):
-        images = generate(params["pipeline"], ids, uncond_ids, z0, g)
-        out = nets.features(params, images, clip_ids)
-        out["finite"] = jnp.all(jnp.isfinite(images), axis=(1, 2, 3))
-        out["images"] = _to_uint8(images)
-        return out
+        images, finite = generate(params["pipeline"], ids, uncond_ids, z0, g)
+        return nets.features(params, images, clip_ids), images, finite
 
     return step
 
@@ -256,7 +252,8 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
         "clip": nets.clip_id,
     }
     shards = FeatureShards(os.path.join(out, "features"), len(samples), settings.batch, manifest)
-    step = make_eval_step(pipe, nets, settings.steps, settings.solver, guidance)
+    spec = SamplerSpec(settings.steps, settings.solver, guidance, "image")
+    step = make_eval_step(pipe, nets, spec)
     rep, data = replicated(mesh), batch_sharded(mesh)
     jitted = jax.jit(step, in_shardings=(rep, data, data if guidance else None, data, rep, data))
     params = {**nets.params, "pipeline": pipe.params}
@@ -265,12 +262,11 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
     negatives = pipe.tokenize([settings.negative_prompt] * padded) if guidance else None
     grid_batches = set(range(-(-GRID_IMAGES // settings.batch)))
     todo = shards.todo(jax.process_index(), jax.process_count())
-    resumed = shards.num_batches - len(shards.done())
     print(
         f"evaluating {settings.model}: {len(samples)} prompts, {settings.steps} step(s) {settings.solver}, "
         f"g={settings.guidance}, {height}×{width}, {len(mesh.devices.flat)} device(s) × "
-        f"{jax.process_count()} process(es); {shards.num_batches - resumed} of {shards.num_batches} "
-        "batches already done",
+        f"{jax.process_count()} process(es); {len(shards.done())} of {shards.num_batches} batches "
+        "already done",
         flush=True,
     )
 
@@ -294,21 +290,22 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
     start, generated = time.perf_counter(), 0
     for batch in todo:
         indices = shards.indices(batch)
-        args = batch_args(batch)
-        result = jax.device_get(compiled(*args))
-        result = {k: np.asarray(v)[: len(indices)] for k, v in result.items()}
-        if not result.pop("finite").all():
-            raise FloatingPointError(
-                f"batch {batch} generated NaN or infinite images (samples {indices.tolist()}); the "
-                "model's weights or the sampling settings are broken — check them with instaflow-generate."
+        features, images, finite = compiled(*batch_args(batch))
+        features, finite = jax.device_get((features, finite))  # images stay on device unless needed
+        if not np.all(finite[: len(indices)]):
+            bad = np.flatnonzero(~np.asarray(finite[: len(indices)]))
+            prompts = [samples[i].caption for i in indices]
+            raise NonFiniteOutputError(
+                describe_non_finite(bad, prompts, pipe.params, settings.guidance, spec)
             )
-        images = result.pop("images")
-        if settings.save_images:
-            for i, image in zip(indices, images):
-                save_png(os.path.join(out, "images", f"{i:06d}.png"), image.astype(np.float32) / 255.0)
-        if batch in grid_batches:
-            np.save(os.path.join(out, "features", f"grid-{batch:06d}.npy"), images)
-        shards.write(batch, result)
+        if settings.save_images or batch in grid_batches:
+            images = np.asarray(images)[: len(indices)]
+            if settings.save_images:
+                for i, image in zip(indices, images):
+                    save_png(os.path.join(out, "images", f"{i:06d}.png"), image)
+            if batch in grid_batches:
+                np.save(os.path.join(out, "features", f"grid-{batch:06d}.npy"), to_uint8(images))
+        shards.write(batch, {k: np.asarray(v)[: len(indices)] for k, v in features.items()})
         generated += len(indices)
         bar.update(len(indices))
     bar.close()
@@ -353,7 +350,8 @@ def _finish(settings, shards, samples, protocol, reference, manifest, timing) ->
     grids = sorted(name for name in os.listdir(shards.folder) if name.startswith("grid-"))
     if grids:
         images = np.concatenate([np.load(os.path.join(shards.folder, name)) for name in grids])
-        save_png(os.path.join(settings.out, "grid.png"), make_grid(images[:GRID_IMAGES] / 255.0, columns=4))
+        grid = make_grid(images[:GRID_IMAGES].astype(np.float32) / 255.0, columns=4)
+        save_png(os.path.join(settings.out, "grid.png"), grid)
     write_json_atomic(os.path.join(settings.out, "results.json"), results, indent=1)
     write_report(
         os.path.join(settings.out, "results.md"), results, PAPER_NUMBERS.get(results["protocol"], [])

@@ -2,7 +2,7 @@
 evaluation networks (FID's Inception-v3, CLIP's vision tower and projections)."""
 
 from instaflow_jax.models.clip_text import CLIPTextModel
-from instaflow_jax.models.clip_vision import CLIPConfig, CLIPModel, CLIPVisionModel
+from instaflow_jax.models.clip_vision import CLIPConfig, CLIPModel
 from instaflow_jax.models.configs import (
     CLIPTextConfig,
     CLIPVisionConfig,
@@ -21,7 +21,6 @@ __all__ = [
     "CLIPTextConfig",
     "CLIPTextModel",
     "CLIPVisionConfig",
-    "CLIPVisionModel",
     "ConfigError",
     "DiagonalGaussian",
     "FIDInceptionV3",

@@ -1,4 +1,4 @@
-"""transformers ``CLIPVisionModel`` and ``CLIPModel`` in flax.linen, with transformers' parameter names.
+"""transformers ``CLIPModel`` (both towers) in flax.linen, with transformers' parameter names.
 
 The vision tower is a ViT: a bias-free patch convolution, a learned class embedding prepended to the
 patch tokens, learned position embeddings, ``pre_layrnorm`` (transformers' spelling), the text
@@ -35,7 +35,6 @@ __all__ = [
     "CLIPConfig",
     "CLIPModel",
     "CLIPVisionConfig",
-    "CLIPVisionModel",
     "get_image_features",
     "get_text_features",
 ]
@@ -122,17 +121,6 @@ class CLIPConfig:
             logit_scale_init_value=float(raw.get("logit_scale_init_value", DEFAULT_LOGIT_SCALE)),
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """A transformers ``CLIPModel`` ``config.json`` content."""
-        return {
-            "architectures": ["CLIPModel"],
-            "model_type": "clip",
-            "projection_dim": self.projection_dim,
-            "logit_scale_init_value": self.logit_scale_init_value,
-            "text_config": self.text.to_dict(),
-            "vision_config": self.vision.to_dict(),
-        }
-
 
 class _VisionEmbeddings(nn.Module):
     """[B, S, S, C] → [B, 1 + (S/p)², D]: class token, then patches row by row, plus positions."""
@@ -191,25 +179,6 @@ def _check_pixels(pixel_values: jax.Array, cfg: CLIPVisionConfig) -> None:
             f"(the model's image_size), got shape {tuple(pixel_values.shape)}. Preprocess the "
             "images with evaluation.clip_score.clip_preprocess first."
         )
-
-
-class CLIPVisionModel(nn.Module):
-    """CLIP vision tower: pixels [B, S, S, C] → (last hidden state [B, 1 + N, D], pooled [B, D]).
-
-    Param tree ``vision_model/...``, transformers' ``CLIPVisionModel``. Outputs are float32.
-    """
-
-    config: CLIPVisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = "auto"
-
-    @nn.compact
-    def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
-        _check_pixels(pixel_values, self.config)
-        return _VisionTransformer(
-            self.config, self.dtype, self.param_dtype, self.attention_impl, name="vision_model"
-        )(pixel_values)
 
 
 class CLIPModel(nn.Module):

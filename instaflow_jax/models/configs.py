@@ -326,8 +326,3 @@ class CLIPVisionConfig(_Config):
             raise ConfigError(
                 f"{source}: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
             )
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.update(architectures=["CLIPVisionModel"], model_type="clip_vision_model")
-        return out

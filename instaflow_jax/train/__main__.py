@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import sys
 
-from instaflow_jax.entry import quiet_logs  # re-exported: its former home
-
 
 def run() -> None:
     from absl import app, flags
@@ -26,7 +24,6 @@ def run() -> None:
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
-        quiet_logs()
         print(f"run folder: {workdir.value} (checkpoints/, metrics.jsonl, samples/, export/)", flush=True)
         from instaflow_jax.parallel import ProcessBarrierTimeout
         from instaflow_jax.train.trainer import train_and_evaluate

@@ -277,3 +277,19 @@ class TrainConfig:
 
 def _finite_nonneg(x: float) -> bool:
     return math.isfinite(x) and x >= 0
+
+
+# Keys of configs saved by earlier versions that no longer exist. A checkpoint holds its own
+# weights, so dropping them changes nothing for resuming or exporting it.
+REMOVED_KEYS = ("init_unet_from_scratch", "init_output_sign")  # the toy's starts: examples/toy/starts.py
+
+
+def upgrade_saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A config stored in a checkpoint by an earlier version, in today's keys: the removed keys
+    dropped, and ``sample.solver`` (once implied by the objective) filled with what it meant."""
+    saved = {k: v for k, v in saved.items() if k not in REMOVED_KEYS}
+    sample = dict(saved.get("sample", {}))
+    if not sample.get("solver"):
+        sample["solver"] = "dpmpp2m" if saved.get("objective") == "teacher_pretrain" else "euler"
+        saved["sample"] = sample
+    return saved

@@ -56,7 +56,7 @@ def export_checkpoint(workdir: str, step: int, out: str, ema: bool = False) -> s
     from instaflow_jax.files import ensure_writable_folder
     from instaflow_jax.parallel import make_mesh, tree_shardings
     from instaflow_jax.train.checkpoint import Checkpointer, CheckpointError
-    from instaflow_jax.train.config import TrainConfig
+    from instaflow_jax.train.config import TrainConfig, upgrade_saved_config
     from instaflow_jax.train.state import create_state, make_optimizer
     from instaflow_jax.weights.pipeline_folder import load_pipeline_parts
     from instaflow_jax.weights.tiny import resolve_model
@@ -72,12 +72,7 @@ def export_checkpoint(workdir: str, step: int, out: str, ema: bool = False) -> s
             raise FileNotFoundError(f"{directory} has no checkpoint of step {step}; saved steps: {listed}.")
         try:
             meta = checkpointer.read_meta(step)
-            stored = meta["config"]
-            sample = stored.get("sample", {})
-            if not sample.get("solver"):  # saved before sample.solver was explicit: its old meaning
-                legacy = "dpmpp2m" if stored.get("objective") == "teacher_pretrain" else "euler"
-                stored = {**stored, "sample": {**sample, "solver": legacy}}
-            config = TrainConfig.from_config(stored)
+            config = TrainConfig.from_config(upgrade_saved_config(meta["config"]))
         except Exception as err:
             raise CheckpointError(
                 f"checkpoint step {step} in {directory} is damaged: its metadata cannot be read "

@@ -50,7 +50,7 @@ from instaflow_jax.sampling.noise import noise_for_indices
 from instaflow_jax.sampling.text_to_image import make_generate_fn
 from instaflow_jax.text import tokenize
 from instaflow_jax.train.checkpoint import Checkpointer, config_differences
-from instaflow_jax.train.config import TrainConfig
+from instaflow_jax.train.config import TrainConfig, upgrade_saved_config
 from instaflow_jax.train.export import export_pipeline
 from instaflow_jax.train.metrics import MetricsWriter, plot_metrics
 from instaflow_jax.train.objectives import make_objective
@@ -135,11 +135,14 @@ def _dataset(config: TrainConfig, shape: tuple[int, int, int]) -> tuple[Any, int
     return images, None
 
 
+BATCH_ARRAYS = ("x0", "x1", "images")  # what the objectives read besides ids and index
+
+
 def _host_batch(local: dict[str, Any], tokenizer: Any, lock: threading.Lock) -> dict[str, np.ndarray]:
-    """A read batch → the step's host arrays (in the loader's threads): the dataset's arrays as
-    read (``x0``/``x1``, ``images`` …), ``ids`` int32 [k, 77] for ``prompt`` and ``index``
-    uint32 [k], from which X0 is drawn on device."""
-    arrays = {k: np.asarray(v) for k, v in local.items() if k not in ("prompt", "index")}
+    """A read batch → the step's host arrays (in the loader's threads): the arrays an objective
+    reads (``BATCH_ARRAYS``; a dataset's other columns stay on the host), ``ids`` int32 [k, 77]
+    for ``prompt``, and ``index`` uint32 [k], from which X0 is drawn on device."""
+    arrays = {k: np.asarray(local[k]) for k in BATCH_ARRAYS if k in local}
     with lock:  # a tokenizers-backed tokenizer must not be called from two threads at once
         arrays["ids"] = tokenize(tokenizer, local["prompt"])
     if "index" in local:
@@ -261,7 +264,8 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
         start = 0
     else:
         state, meta, start = restored
-        differences = config_differences(meta["config"], plain_config, TrainConfig.RESUMABLE_CHANGES)
+        saved = upgrade_saved_config(meta["config"])
+        differences = config_differences(saved, plain_config, TrainConfig.RESUMABLE_CHANGES)
         if differences:
             raise ValueError(f"{workdir} was trained with another config: " + "; ".join(differences) + ".")
         if "data" in meta:

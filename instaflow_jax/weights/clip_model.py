@@ -3,10 +3,11 @@
 
 The folder holds ``config.json`` (``text_config``, ``vision_config``, ``projection_dim``,
 ``logit_scale_init_value``), weights as ``model.safetensors``, a sharded
-``model.safetensors.index.json``, ``pytorch_model.bin`` (or its ``.bin.index.json``; needs torch)
-or transformers-Flax ``flax_model.msgpack``, tried in that order; ``preprocessor_config.json``
-(image size, crop, mean and std; OpenAI CLIP's values when absent) and the tokenizer files
-(``vocab.json`` + ``merges.txt`` or ``tokenizer.json``), read with transformers' ``CLIPTokenizer``.
+``model.safetensors.index.json``, transformers-Flax ``flax_model.msgpack`` or ``pytorch_model.bin``
+(or its ``.bin.index.json``; needs torch), tried in that order (as ``weights.folder.find_weights``);
+``preprocessor_config.json`` (image size, crop, mean and std; OpenAI CLIP's values when absent)
+and the tokenizer files (``vocab.json`` + ``merges.txt`` or ``tokenizer.json``), read with
+transformers' ``CLIPTokenizer``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from instaflow_jax.files import contained_path, read_json
 from instaflow_jax.models.clip_vision import CLIPConfig, CLIPModel
 from instaflow_jax.precision import parse_dtype
-from instaflow_jax.text import TOKENIZER_FILES, load_tokenizer
+from instaflow_jax.text import load_tokenizer
 from instaflow_jax.weights.convert import (
     DROPPED_KEYS,
     Path,
@@ -40,9 +41,9 @@ from instaflow_jax.weights.folder import _hub_blobs, _torch_load, read_msgpack, 
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
+    "flax_model.msgpack",
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
-    "flax_model.msgpack",
 )
 # OpenAI CLIP's preprocessing (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD, 224 px, bicubic).
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -52,6 +53,10 @@ _HINT = (
     "Point at a local copy of a full transformers CLIPModel repository, e.g. "
     "`huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR` (or "
     "laion/CLIP-ViT-g-14-laion2B-s12B-b42K)."
+)
+_MISMATCH_HINT = (
+    "Check that config.json belongs to these weights and that they are a transformers CLIPModel "
+    "checkpoint (both towers and projections; not CLIPTextModel, CLIPVisionModel or open_clip). " + _HINT
 )
 _REDOWNLOAD = "Download the CLIP model folder again (or restore the file)."
 
@@ -211,15 +216,7 @@ def load_clip_model(
     )
     path = find_clip_weights(folder)
     flat = read_clip_weights(path)
-    try:
-        check_tree(flat, expected_shapes(model), source=path)
-    except WeightsMismatchError as err:
-        found = str(err).rsplit("\n  ", 1)[0]  # drop the SD-specific advice of check_tree
-        raise WeightsMismatchError(
-            found + "\n  Check that config.json belongs to these weights and that they are a "
-            "transformers CLIPModel checkpoint (both towers and projections; not CLIPTextModel, "
-            "CLIPVisionModel or open_clip). " + _HINT
-        ) from None
+    check_tree(flat, expected_shapes(model), source=path, hint=_MISMATCH_HINT)
     target = np.dtype(parse_dtype(param_dtype))
     params = unflatten({k: np.asarray(v).astype(target, copy=False) for k, v in flat.items()})
     return model, params, read_preprocess_config(folder)
@@ -228,10 +225,9 @@ def load_clip_model(
 def load_clip_tokenizer(folder: str) -> Any:
     """transformers ``CLIPTokenizer`` from the CLIP folder (offline). Pad captions to the text
     model's ``max_position_embeddings`` (77) with ``instaflow_jax.text.tokenize``."""
-    has_bpe = all(os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)
-    if not (has_bpe or os.path.isfile(os.path.join(folder, "tokenizer.json"))):
+    try:
+        return load_tokenizer(folder)
+    except FileNotFoundError as err:  # load_tokenizer's message speaks of a diffusers tokenizer/ folder
         raise FileNotFoundError(
-            f"{folder}: no CLIP tokenizer files ({' + '.join(TOKENIZER_FILES)} or tokenizer.json). "
-            "Download the tokenizer files of the CLIP repository into the same folder."
-        )
-    return load_tokenizer(folder)
+            f"{err} Download the tokenizer files of the CLIP repository into {folder}."
+        ) from None

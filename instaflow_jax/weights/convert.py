@@ -151,10 +151,19 @@ def _shape_lines(paths: Iterable[Path], limit: int = 12) -> str:
     return text + (f", … ({len(paths) - limit} more)" if len(paths) > limit else "")
 
 
-def check_tree(flat: Mapping[Path, Any], expected: Mapping[Path, Any], source: str) -> None:
+_SD_HINT = (
+    "Check that config.json belongs to these weights and that the folder is an SD 1.x "
+    "(diffusers layout) component."
+)
+
+
+def check_tree(
+    flat: Mapping[Path, Any], expected: Mapping[Path, Any], source: str, hint: str | None = None
+) -> None:
     """Raise ``WeightsMismatchError`` naming missing, unexpected and mis-shaped params.
 
-    ``expected`` is the flattened ``jax.eval_shape`` of the model's init (leaves have ``.shape``).
+    ``expected`` is the flattened ``jax.eval_shape`` of the model's init (leaves have ``.shape``);
+    ``hint`` ends the message (default: advice for SD 1.x diffusers components).
     """
     missing = set(expected) - set(flat)
     unexpected = set(flat) - set(expected)
@@ -173,10 +182,7 @@ def check_tree(flat: Mapping[Path, Any], expected: Mapping[Path, Any], source: s
     if misshaped:
         more = f" … ({len(misshaped) - 12} more)" if len(misshaped) > 12 else ""
         lines.append(f"mis-shaped ({len(misshaped)}): " + "; ".join(misshaped[:12]) + more)
-    lines.append(
-        "Check that config.json belongs to these weights and that the folder is an SD 1.x "
-        "(diffusers layout) component."
-    )
+    lines.append(hint or _SD_HINT)
     raise WeightsMismatchError("\n  ".join(lines))
 
 

@@ -89,7 +89,7 @@ def _controlnet_inputs(c: ControlNetConfig) -> tuple:
 
 
 # Flax module and config classes by the class name a component's ``config.json`` carries
-# (``_class_name``, or transformers' ``architectures[0]``): diffusers' and transformers' names, and
+# (``_class_name``): diffusers' and transformers' names, and
 # instaflow_jax's own parameter-free ``IdentityAutoencoder`` for pixel-space pipelines.
 MODEL_CLASSES: dict[str, tuple[type, type]] = {
     config_cls.CLASS_NAMES[0]: (module_cls, config_cls)
@@ -154,7 +154,7 @@ def read_config(folder: str, kind: str) -> Any:
         raise FileNotFoundError(f"{path} is missing; a diffusers {kind} folder needs config.json.")
     raw = read_json(path, REDOWNLOAD)
     spec = _spec(kind)
-    class_name = raw.get("_class_name") or (raw.get("architectures") or [None])[0]
+    class_name = raw.get("_class_name")
     config_cls = MODEL_CLASSES[class_name][1] if class_name in spec.other_classes else spec.config_cls
     return config_cls.from_dict(raw, source=path)
 

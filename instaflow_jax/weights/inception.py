@@ -43,11 +43,6 @@ def conv_kernel(weight: np.ndarray) -> np.ndarray:
     return np.transpose(weight, (2, 3, 1, 0))
 
 
-def bn_vector(vector: np.ndarray) -> np.ndarray:
-    """A BatchNorm weight, bias, running mean or running variance: [C], unchanged."""
-    return vector
-
-
 def torch_name(path: tuple[str, ...]) -> str:
     """Flax param path → PyTorch key: ``("Mixed_5b", "branch1x1", "bn", "mean")`` →
     ``"Mixed_5b.branch1x1.bn.running_mean"``."""
@@ -82,9 +77,8 @@ def params_from_state_dict(state: dict[str, np.ndarray], source: str = "state di
     flat = {}
     for name, path in names.items():
         value = np.asarray(used[name], dtype=np.float32)
-        value = (
-            conv_kernel(value) if path[-2:] == ("conv", "kernel") and value.ndim == 4 else bn_vector(value)
-        )
+        if path[-2:] == ("conv", "kernel") and value.ndim == 4:  # BatchNorm vectors stay as they are
+            value = conv_kernel(value)
         if value.shape != expected[path]:
             raise InceptionWeightsError(
                 f"{source}: {name} has shape {tuple(np.shape(used[name]))}, which does not give the expected "
@@ -136,10 +130,10 @@ def convert_fid_inception(src: str | os.PathLike, dst: str | os.PathLike) -> int
     """Write ``src`` (``.pth``, read with torch; checked first) as a ``.safetensors`` file ``dst`` with
     the same keys (floats as float32), so that hosts without torch can load it. Returns the number of
     tensors written."""
-    state = read_fid_inception_state_dict(src)
-    params_from_state_dict(state, os.fspath(src))  # refuse to write a file the loader would reject
     if not os.fspath(dst).endswith(".safetensors"):
         raise ValueError(f"{dst}: the destination must end in .safetensors.")
+    state = read_fid_inception_state_dict(src)
+    params_from_state_dict(state, os.fspath(src))  # refuse to write a file the loader would reject
     tensors = {k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v for k, v in state.items()}
     safetensors_io.save(dst, tensors, metadata={"source": os.path.basename(os.fspath(src))})
     return len(tensors)

@@ -110,7 +110,6 @@ class PipelineParts:
       params: the same names → param trees (numpy arrays); the dict itself may be changed.
       tokenizer: the CLIP tokenizer of ``tokenizer/``.
       scheduler_config: ``scheduler/scheduler_config.json`` (SD 1.x's default when absent).
-      model_index: ``model_index.json``.
       source: the resolved local folder.
     """
 
@@ -118,7 +117,6 @@ class PipelineParts:
     params: dict[str, Any]
     tokenizer: Any
     scheduler_config: dict[str, Any]
-    model_index: dict[str, Any]
     source: str
 
 
@@ -131,7 +129,7 @@ def load_pipeline_parts(
 ) -> PipelineParts:
     """Everything ``Pipeline`` needs from a folder: modules, params, tokenizer, scheduler config."""
     folder = resolve_folder(path)
-    index = read_model_index(folder)
+    read_model_index(folder)  # validates the folder; its contents are not needed here
     configs = {name: read_config(os.path.join(folder, name), name) for name in COMPONENTS}
     check_family(configs["unet"], configs["vae"], configs["text_encoder"], folder)
     scheduler_path = os.path.join(folder, "scheduler", "scheduler_config.json")
@@ -157,7 +155,6 @@ def load_pipeline_parts(
         params=params,
         tokenizer=load_tokenizer(tokenizer_folder),
         scheduler_config=scheduler_config,
-        model_index=index,
         source=folder,
     )
 

@@ -13,7 +13,6 @@ interrupted evaluation only generates what is missing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any
@@ -27,6 +26,7 @@ from instaflow_jax.evaluation.fid import fid_from_features
 from instaflow_jax.examples.toy.classifier import features_and_predictions, load_or_train
 from instaflow_jax.examples.toy.data import ToyShapes
 from instaflow_jax.examples.toy.figures import plot_quality_vs_steps, plot_samples, plot_straightness
+from instaflow_jax.files import fingerprint
 from instaflow_jax.parallel import pad_batch
 from instaflow_jax.sampling import (
     dpm_solver_trajectory,
@@ -66,7 +66,7 @@ def generate_all(
     out, chunk = [], min(chunk, len(prompts))
     for start in range(0, len(prompts), chunk):
         part, latents = prompts[start : start + chunk], noise[start : start + chunk]
-        part = pad_batch(np.asarray(part), chunk).tolist()
+        part = part + [part[-1]] * (chunk - len(part))
         latents = pad_batch(latents, chunk).transpose(0, 3, 1, 2)
         out.append(pipe.generate(part, latents=latents, **kwargs)[: min(chunk, len(prompts) - start)])
     return np.concatenate(out)
@@ -89,19 +89,6 @@ def model_trajectory(
     zs, _ = jax.jit(lambda z: euler_trajectory(field, z, steps))(noise)
     times = np.concatenate([1.0 - np.asarray(euler_timesteps(steps)) / 1000.0, [1.0]])
     return zs, times
-
-
-def file_fingerprint(path: str) -> str:
-    """sha256 (16 hex digits) of a file's bytes."""
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
-
-
-def unet_fingerprint(folder: str) -> str:
-    """The exported pipeline's UNet weights, as a fingerprint (what a stage rerun changes)."""
-    unet = os.path.join(folder, "unet")
-    names = sorted(n for n in os.listdir(unet) if n.endswith((".safetensors", ".msgpack", ".bin")))
-    return ",".join(f"{n}:{file_fingerprint(os.path.join(unet, n))}" for n in names)
 
 
 def evaluate(run_dir: str, models: dict[str, str], config: Any, guidance: dict[str, float]) -> dict[str, Any]:
@@ -138,12 +125,14 @@ def evaluate(run_dir: str, models: dict[str, str], config: Any, guidance: dict[s
     pipes = {name: instaflow_jax.load_pipeline(folder) for name, folder in models.items()}
     plan = [("teacher", s) for s in config.eval.teacher_steps] + [("2rf", s) for s in config.eval.rf_steps]
     plan += [(name, 1) for name in models if name not in ("teacher", "2rf")]
+    unets = {name: fingerprint(os.path.join(folder, "unet")) for name, folder in models.items()}
+    classifier_print = fingerprint(classifier_path)
     for name, steps in plan:
         pipe, g = pipes[name], guidance[name]
         # The evaluation job's per-batch feature files (one batch per model and step count): a rerun
         # of an interrupted evaluation skips what is done; other weights or settings are refused.
-        manifest = {"model": unet_fingerprint(models[name]), "steps": steps, "guidance": g}
-        manifest.update(eval_seed=config.eval.seed, classifier=file_fingerprint(classifier_path))
+        manifest = {"model": unets[name], "steps": steps, "guidance": g}
+        manifest.update(eval_seed=config.eval.seed, classifier=classifier_print)
         shards = FeatureShards(
             os.path.join(out, "features", f"{name}-{steps}"), len(prompts), len(prompts), manifest
         )
@@ -202,7 +191,13 @@ def evaluate(run_dir: str, models: dict[str, str], config: Any, guidance: dict[s
     return results
 
 
-ONE_STEP_STUDENTS = {"2rf+distill": "2rf", "direct distill": "teacher", "2rf": "2rf", "teacher": "teacher"}
+ONE_STEP_STUDENTS = {
+    "2rf+distill": "2rf",
+    "2rf+distill+lpips": "2rf",
+    "direct distill": "teacher",
+    "2rf": "2rf",
+    "teacher": "teacher",
+}
 
 
 def distillation_error(samples: dict[tuple[str, int], np.ndarray]) -> list[dict[str, Any]]:

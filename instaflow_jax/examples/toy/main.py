@@ -60,7 +60,7 @@ def run() -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    from instaflow_jax.entry import exit_on_user_errors, quiet_logs, run_absl
+    from instaflow_jax.entry import exit_on_user_errors, run_absl
 
     use_every_core()
     default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config.py")
@@ -72,7 +72,6 @@ def run() -> None:
     flags.DEFINE_string("variant", None, "tiny (minutes) or quality (longer); default ≈ 14 min on 2 cores")
 
     def main(argv: list[str]) -> None:
-        quiet_logs()
         print(f"run folder: {os.path.abspath(workdir.value)} (summary.md, eval/, one folder per stage)")
         with exit_on_user_errors():
             run_toy(config.value, workdir.value)
