@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from instaflow_jax.models import attention
+from instaflow_jax.parallel import remat_compiler_options
 from instaflow_jax.precision import parse_dtype
 
 GIB = 2**30
@@ -255,6 +256,7 @@ def train_step_memory(impl: str, batch: int, side: int, dtype, remat: bool) -> t
             seed=0,
         ),
         donate_argnums=(0,),
+        compiler_options=remat_compiler_options(remat),  # else XLA:CPU CSEs the recomputation away
     )
     return _stats(step.lower(state, frozen, batch_spec).compile())
 

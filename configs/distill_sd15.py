@@ -11,13 +11,13 @@ The other keys are reflow's (``configs/reflow_sd15.py``; its ``tiny`` variant fo
 """
 
 import os
-import sys
 
 from ml_collections import ConfigDict
 
-if (_ROOT := os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) not in sys.path:
-    sys.path.insert(0, _ROOT)  # loaded by path (--config=…) from another directory
-from configs import base, reflow_sd15
+from instaflow_jax.config_utils import load_sibling_config
+
+base = load_sibling_config(__file__, "base")
+reflow_sd15 = load_sibling_config(__file__, "reflow_sd15")
 
 
 def get_config(variant: str = "") -> ConfigDict:

@@ -9,14 +9,11 @@ Every other key keeps TrainConfig's default (instaflow_jax/train/config.py), e.g
 AdamW lr 1e-6 with 1k warm-up steps, EMA 0.9999, bf16, 512²; override any on the command line.
 """
 
-import os
-import sys
-
 from ml_collections import ConfigDict
 
-if (_ROOT := os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) not in sys.path:
-    sys.path.insert(0, _ROOT)  # loaded by path (--config=…) from another directory
-from configs import base
+from instaflow_jax.config_utils import load_sibling_config
+
+base = load_sibling_config(__file__, "base")
 
 
 def get_config(variant: str = "") -> ConfigDict:

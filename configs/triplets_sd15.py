@@ -10,13 +10,12 @@ the command line, e.g. ``--config.output_dir=gs://bucket/triplets``.
 """
 
 import os
-import sys
 
 from ml_collections import ConfigDict
 
-if (_ROOT := os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) not in sys.path:
-    sys.path.insert(0, _ROOT)  # loaded by path (--config=…) from another directory
-from configs import base
+from instaflow_jax.config_utils import load_sibling_config
+
+base = load_sibling_config(__file__, "base")
 
 
 def get_config(variant: str = "") -> ConfigDict:

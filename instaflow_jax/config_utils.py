@@ -2,12 +2,18 @@
 
 ``from_dict`` rejects unknown keys at any depth with the key's full path and the known keys, so a
 misspelled override fails loudly instead of being ignored. ``defaults_config`` goes the other way:
-a dataclass's defaults as a ConfigDict, the starting point of the job configs in ``configs/``.
+a dataclass's defaults as a ConfigDict, the starting point of the job configs in ``configs/``, which
+import each other with ``load_sibling_config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import importlib.util
+import os
+import sys
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
@@ -87,3 +93,26 @@ def _as_config_value(value: Any) -> Any:
         fields = dataclasses.fields(value)
         return ConfigDict({f.name: _as_config_value(getattr(value, f.name)) for f in fields})
     return value
+
+
+def load_sibling_config(config_file: str, name: str) -> types.ModuleType:
+    """The config file ``NAME.py`` in the folder of ``config_file`` (a config's ``__file__``).
+
+    Config files are loaded by path (``--config=configs/reflow_sd15.py``) from any directory, so
+    they import each other by path too: ``sys.path`` is left alone, and another top-level package
+    called ``configs`` cannot shadow ours. Each file is executed once per process.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} not found (imported by {config_file}).")
+    key = f"_instaflow_jax_config_{name}_{hashlib.sha1(path.encode()).hexdigest()[:12]}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]

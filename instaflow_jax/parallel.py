@@ -48,6 +48,21 @@ def pad_batch(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)], axis=0)
 
 
+def remat_compiler_options(remat: bool, backend: str | None = None) -> dict[str, str] | None:
+    """XLA compile options a program with rematerialised blocks (``nn.remat``) needs here.
+
+    XLA:CPU deletes optimization barriers (pass ``cse_barrier_expander``) *before* its last CSE
+    pass, which then merges the recomputed forward back into the original one: ``remat`` saves
+    nothing and ``memory_analysis()`` reports the program without it. Disabling that pass keeps the
+    barriers, as XLA:GPU and XLA:TPU do until after scheduling. None (nothing to set) when
+    ``remat`` is off or ``backend`` (default: JAX's default backend) is not ``"cpu"``. Pass it to
+    ``jax.jit(..., compiler_options=...)`` at the jit site.
+    """
+    if remat and (backend or jax.default_backend()) == "cpu":
+        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    return None
+
+
 def enable_compilation_cache(path: str | None = None) -> str | None:
     """Turn on JAX's persistent compilation cache unless the user configured or disabled it.
 

@@ -349,7 +349,8 @@ def load_pipeline(
       dtype: compute dtype (``"bfloat16"`` on accelerators, ``"float32"`` for exact parity).
       param_dtype: dtype the parameters are stored in (``"float32"`` by default).
       variant: weights variant, e.g. ``"fp16"`` for ``*.fp16.safetensors``.
-      remat: rematerialise UNet blocks in the backward pass (training).
+      remat: rematerialise UNet blocks in the backward pass (training; on CPU jit the step with
+        ``compiler_options=parallel.remat_compiler_options(True)``).
       attention_impl: attention in all three networks: ``"auto"`` (default; ``None`` is the
         same), ``"xla"``, ``"blockwise"``, ``"cudnn"`` or ``"pallas_tpu"``
         (:mod:`instaflow_jax.models.attention`). ``"auto"`` runs the Pallas flash kernel on TPUs,

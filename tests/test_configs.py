@@ -116,18 +116,25 @@ def test_configs_have_exactly_the_dataclass_keys(name, variants):
 
 
 def test_config_files_load_by_path_from_another_directory(tmp_path):
-    """As the CLIs load them (config_flags, by path), with the repository root not on sys.path."""
+    """As the CLIs load them (config_flags, by path), with the repository root not on sys.path and
+    the user's own top-level ``configs`` package in the working directory: ours never import it,
+    and leave sys.path alone."""
+    decoy = tmp_path / "configs"
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text('raise ImportError("the user\'s own configs package was imported")\n')
     script = """
 import json, sys
 from absl import flags
 from ml_collections import config_flags
 specs = sys.argv[1:]
+path_before = list(sys.path)
 for i, spec in enumerate(specs):
     config_flags.DEFINE_config_file(f"c{i}", spec, lock_config=True)
 flags.FLAGS(sys.argv[:1])
-import configs
 loaded = {spec: flags.FLAGS[f"c{i}"].value.to_dict() for i, spec in enumerate(specs)}
-print(json.dumps({"configs": configs.__file__, **loaded}))
+assert sys.path == path_before, "a config file changed sys.path"
+assert "configs" not in sys.modules
+print(json.dumps(loaded))
 """
     specs = ("distill_sd15.py:tiny", "distill_sd15.py:lpips", "reflow_sd15.py", "triplets_sd15.py:tiny")
     specs = [os.path.relpath(os.path.join(ROOT, "configs", spec), tmp_path) for spec in specs]
@@ -137,11 +144,17 @@ print(json.dumps({"configs": configs.__file__, **loaded}))
     )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout.splitlines()[-1])
-    assert loaded.pop("configs") == os.path.join(ROOT, "configs", "__init__.py")
     for spec, values in loaded.items():
         name, _, variant = os.path.basename(spec).partition(".py")
         expected = json.loads(json.dumps(load_config(name, variant.removeprefix(":")).to_dict()))
         assert values == expected, spec
+
+
+def test_a_missing_sibling_config_names_the_file(tmp_path):
+    from instaflow_jax.config_utils import load_sibling_config
+
+    with pytest.raises(FileNotFoundError, match=r"nope\.py not found"):
+        load_sibling_config(str(tmp_path / "mine.py"), "nope")
 
 
 def test_unknown_variants_are_refused():

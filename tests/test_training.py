@@ -124,7 +124,8 @@ def test_reflow_learns(tiny_pipeline_dir, scratch_unet_pipeline_dir, triplets, t
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"objective": "distill", "prompt_dropout": 0.0},  # L2 to stored teacher targets
+        # L2 to stored teacher targets; remat on (compiled with remat_compiler_options on CPU)
+        {"objective": "distill", "prompt_dropout": 0.0, "remat": True},
         {
             "objective": "distill",
             "data": {"kind": "prompts", "prompts": {"kind": "text"}},

@@ -214,7 +214,9 @@ class UNet2DConditionModel(nn.Module):
       dtype: compute dtype of convolutions, matmuls and norms (e.g. bfloat16). The timestep
         embedding MLP always runs in float32.
       param_dtype: storage dtype of the parameters (float32 for training).
-      remat: rematerialise each down/mid/up block in the backward pass (saves memory).
+      remat: rematerialise each down/mid/up block in the backward pass (saves memory). On CPU,
+        jit with ``compiler_options=parallel.remat_compiler_options(True)``, else XLA:CPU
+        merges the recomputation back into the forward pass and nothing is saved.
       attention_impl: ``"auto"`` (default; ``None`` means the same), ``"xla"``, ``"blockwise"``,
         ``"cudnn"`` or ``"pallas_tpu"``, see :mod:`instaflow_jax.models.attention`. ``"auto"`` runs
         the Pallas flash kernel on TPUs, cuDNN's fused attention on GPUs in float16/bfloat16, and

@@ -41,6 +41,7 @@ from instaflow_jax.parallel import (
     initialize_distributed,
     make_mesh,
     place,
+    remat_compiler_options,
     replicated,
     tree_shardings,
 )
@@ -298,6 +299,7 @@ def train_and_evaluate(config: Any, workdir: str) -> TrainResult:
         in_shardings=(state_shardings, frozen_shardings, batch_sharded(mesh)),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=remat_compiler_options(config.remat),
     )
     first = global_batch(next(batches), mesh)
     compiling = Phase("compiling train step", lead)
