@@ -1,6 +1,6 @@
 """``instaflow-eval`` end to end on a COCO-format fixture: the 5k protocol's steps on 6 images with
 random FID Inception and tiny CLIP weights; FID against pytorch-fid's arithmetic on the written
-features, resume after a kill, and 1 vs 4 devices."""
+features, resume after a kill, 1 vs 4 devices, and 1 vs 2 processes."""
 
 from __future__ import annotations
 
@@ -161,6 +161,48 @@ def test_four_devices_give_the_same_features(full_run, inputs, tiny_pipeline_dir
     for key in ("pool", "clip_cos"):
         np.testing.assert_allclose(ours[key], full[key], rtol=0, atol=1e-5, err_msg=key)
     assert four["fid"] == pytest.approx(full_run[1]["fid"], rel=1e-4)
+
+
+def test_two_processes_give_the_same_results(full_run, inputs, tiny_pipeline_dir, tmp_path):
+    """Two processes (jax.distributed on localhost, gloo) share one output folder: each takes its
+    round-robin batches of the reference statistics (a fresh cache) and of the samples, process 0
+    waits for the other at the barriers and writes the results. Features and FID equal one process's."""
+    from test_training import _free_port
+
+    out = str(tmp_path / "two")
+    fields = {**inputs, "stats_cache": str(tmp_path / "stats")}  # computed by both processes
+    fields.update(model=tiny_pipeline_dir, out=out, protocol="coco2017-5k", num_images=NUM_IMAGES)
+    fields.update(batch=BATCH, dtype="float32")
+    code = """
+import json, sys
+from instaflow_jax.parallel import initialize_distributed
+initialize_distributed(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]), initialization_timeout_s=300)
+from instaflow_jax.evaluation.job import EvalSettings, evaluate
+evaluate(EvalSettings(**json.loads(sys.argv[3])))
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, port, str(pid), json.dumps(fields)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in (0, 1)
+    ]
+    logs = [proc.communicate(timeout=900)[0] for proc in procs]
+    for pid, (proc, log) in enumerate(zip(procs, logs)):
+        assert proc.returncode == 0, f"process {pid}:\n{log[-3000:]}"
+    with open(os.path.join(out, "results.json")) as f:
+        two = json.load(f)
+    assert two["processes"] == 2
+    ours, full = read_features(out), read_features(full_run[0])
+    for key in ("pool", "clip_cos"):
+        np.testing.assert_allclose(ours[key], full[key], rtol=0, atol=1e-5, err_msg=key)
+    assert two["fid"] == pytest.approx(full_run[1]["fid"], rel=1e-4)
+    assert two["clip_score"] == pytest.approx(full_run[1]["clip_score"], rel=1e-5)
 
 
 def test_cli_errors_say_what_to_do(tiny_pipeline_dir, inputs, tmp_path, capsys):

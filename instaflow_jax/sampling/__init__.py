@@ -7,6 +7,7 @@ from instaflow_jax.sampling.dpm_solver import (
     dpm_solver_step,
     dpm_solver_trajectory,
     rf_times,
+    schedule_array,
 )
 from instaflow_jax.sampling.euler import euler_sample, euler_timesteps, euler_trajectory, one_step
 from instaflow_jax.sampling.interpolation import slerp, slerp_path
@@ -48,6 +49,7 @@ __all__ = [
     "one_step",
     "rf_times",
     "sample_keys",
+    "schedule_array",
     "slerp",
     "slerp_path",
     "solve",
