@@ -164,27 +164,23 @@ def test_four_devices_give_the_same_features(full_run, inputs, tiny_pipeline_dir
 
 
 def test_two_processes_give_the_same_results(full_run, inputs, tiny_pipeline_dir, tmp_path):
-    """Two processes (jax.distributed on localhost, gloo) share one output folder: each takes its
-    round-robin batches of the reference statistics (a fresh cache) and of the samples, process 0
-    waits for the other at the barriers and writes the results. Features and FID equal one process's."""
+    """``instaflow-eval --coordinator-address … --num-processes 2 --process-id I`` on localhost
+    (gloo): the two processes share one output folder, each takes its round-robin batches of the
+    reference statistics (a fresh cache) and of the samples, and process 0 waits for the other at
+    the barriers and writes the results. Features and scores equal one process's."""
     from test_training import _free_port
 
     out = str(tmp_path / "two")
-    fields = {**inputs, "stats_cache": str(tmp_path / "stats")}  # computed by both processes
-    fields.update(model=tiny_pipeline_dir, out=out, protocol="coco2017-5k", num_images=NUM_IMAGES)
-    fields.update(batch=BATCH, dtype="float32")
-    code = """
-import json, sys
-from instaflow_jax.parallel import initialize_distributed
-initialize_distributed(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]), initialization_timeout_s=300)
-from instaflow_jax.evaluation.job import EvalSettings, evaluate
-evaluate(EvalSettings(**json.loads(sys.argv[3])))
-"""
+    argv = ["--model", tiny_pipeline_dir, "--num-images", str(NUM_IMAGES), "--batch", str(BATCH)]
+    argv += ["--dtype", "float32", "--out", out, "--stats-cache", str(tmp_path / "stats")]
+    for name in ("coco", "inception", "clip"):
+        argv += ["--" + name, inputs[name]]
+    argv += ["--coordinator-address", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    code = "import sys; from instaflow_jax.cli.evaluate import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, port, str(pid), json.dumps(fields)],
+            [sys.executable, "-c", code, *argv, "--process-id", str(pid)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -216,6 +212,8 @@ def test_cli_errors_say_what_to_do(tiny_pipeline_dir, inputs, tmp_path, capsys):
     argv = base + ["--coco", inputs["coco"], "--inception", inputs["inception"]]
     assert eval_cli.main(argv) == 2  # 8 images in the folder, the protocol wants 5000
     assert "pass --num-images" in capsys.readouterr().err
+    assert eval_cli.main(argv + ["--coordinator-address", "127.0.0.1:1234", "--num-processes", "2"]) == 2
+    assert "--process-id I together" in capsys.readouterr().err
 
 
 def test_custom_prompts_give_clip_score_and_images(inputs, tiny_pipeline_dir, tmp_path):

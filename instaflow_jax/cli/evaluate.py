@@ -75,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="multi-host: jax.distributed.initialize (TPU pods, SLURM); same command on every host.",
     )
+    parser.add_argument(
+        "--coordinator-address",
+        default="",
+        help="multi-host by hand: HOST:PORT of process 0 (with --num-processes and --process-id).",
+    )
+    parser.add_argument("--num-processes", type=int, default=0, help="multi-host by hand: process count.")
+    parser.add_argument("--process-id", type=int, default=-1, help="multi-host by hand: this process, 0…N−1.")
     parser.add_argument("--out", required=True, help="results folder (resumes if it holds this evaluation).")
     return parser
 

@@ -87,6 +87,8 @@ class EvalSettings:
       dtype, attention: as ``load_pipeline``.
       distributed: call ``jax.distributed.initialize`` first (auto-detected on TPU pods and SLURM);
         every process runs the same command, ``out`` and ``stats_cache`` on a shared filesystem.
+      coordinator_address, num_processes, process_id: that call's arguments for hosts started by
+        hand (``HOST:PORT`` of process 0; all three or none); giving them implies ``distributed``.
     """
 
     model: str
@@ -112,10 +114,23 @@ class EvalSettings:
     dtype: str = "auto"
     attention: str = "auto"
     distributed: bool = False
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
 
 
 def check_settings(settings: EvalSettings) -> None:
     """Fail before loading anything on settings that cannot work."""
+    manual = (settings.coordinator_address, settings.num_processes > 0, settings.process_id >= 0)
+    if any(manual) and not all(manual):
+        raise ValueError(
+            "give --coordinator-address HOST:PORT, --num-processes N and --process-id I together "
+            "(or none of them, with --distributed, on TPU pods and SLURM)."
+        )
+    if all(manual) and settings.process_id >= settings.num_processes:
+        raise ValueError(
+            f"--process-id {settings.process_id} must be < --num-processes {settings.num_processes}."
+        )
     if settings.batch < 1:
         raise ValueError(f"--batch must be ≥ 1, got {settings.batch}.")
     if settings.steps < 1:
@@ -209,10 +224,10 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
     from instaflow_jax.precision import resolve_dtype
     from instaflow_jax.weights.tiny import resolve_model
 
-    if settings.distributed:
-        initialize_distributed()
-    enable_compilation_cache()
     check_settings(settings)
+    if settings.distributed or settings.coordinator_address:
+        initialize_distributed(settings.coordinator_address, settings.num_processes, settings.process_id)
+    enable_compilation_cache()
     samples, protocol = load_samples(settings)
     digest = samples_digest(samples)
     out = settings.out
