@@ -52,10 +52,10 @@ def scratch_unet_pipeline_dir(tiny_pipeline_dir, tmp_path_factory) -> str:
     import jax
     import jax.numpy as jnp
 
-    from instaflow_jax.weights.pipeline_folder import load_pipeline_parts, save_pipeline_parts
+    from instaflow_jax.examples.toy.starts import write_with_unet
+    from instaflow_jax.weights.pipeline_folder import load_pipeline_parts
 
-    parts = load_pipeline_parts(tiny_pipeline_dir)
-    unet = parts.modules["unet"]
+    unet = load_pipeline_parts(tiny_pipeline_dir).modules["unet"]
     dummy = (
         jnp.zeros((1, 8, 8, unet.config.in_channels)),
         jnp.ones((1,)),
@@ -63,14 +63,7 @@ def scratch_unet_pipeline_dir(tiny_pipeline_dir, tmp_path_factory) -> str:
     )
     params = jax.tree.map(np.asarray, jax.jit(unet.init)(jax.random.key(0), *dummy)["params"])
     folder = str(tmp_path_factory.mktemp("scratch_unet") / "pipe")
-    save_pipeline_parts(
-        folder,
-        parts.modules,
-        dict(parts.params, unet=params),
-        parts.tokenizer,
-        parts.scheduler_config,
-    )
-    return folder
+    return write_with_unet(tiny_pipeline_dir, folder, lambda _: params)
 
 
 @pytest.fixture(scope="module")
