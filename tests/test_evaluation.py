@@ -51,14 +51,20 @@ def settings(inputs, model: str, out: str) -> EvalSettings:
     )
 
 
+def cli_args(model: str, out: str, inputs: dict[str, str], **overrides: str) -> list[str]:
+    """``instaflow-eval`` arguments of the 5k protocol on the fixture (``inputs``' files, sizes of
+    this module); ``overrides`` replace or add flags (``stats_cache="…"`` → ``--stats-cache …``)."""
+    flags = {"model": model, "num_images": str(NUM_IMAGES), "batch": str(BATCH), "dtype": "float32"}
+    flags.update(out=out, **inputs)
+    flags.update(overrides)
+    return [arg for name, value in flags.items() for arg in ("--" + name.replace("_", "-"), value)]
+
+
 @pytest.fixture(scope="module")
 def full_run(inputs, tiny_pipeline_dir, tmp_path_factory):
     """The CLI run once, uninterrupted: (out folder, results)."""
     out = str(tmp_path_factory.mktemp("eval") / "full")
-    argv = ["--model", tiny_pipeline_dir, "--protocol", "coco2017-5k", "--num-images", str(NUM_IMAGES)]
-    argv += ["--batch", str(BATCH), "--dtype", "float32", "--out", out, "--save-images"]
-    for name in ("coco", "inception", "clip", "stats_cache"):
-        argv += ["--" + name.replace("_", "-"), inputs[name]]
+    argv = cli_args(tiny_pipeline_dir, out, inputs, protocol="coco2017-5k") + ["--save-images"]
     assert eval_cli.main(argv) == 0
     with open(os.path.join(out, "results.json")) as f:
         return out, json.load(f)
@@ -67,6 +73,19 @@ def full_run(inputs, tiny_pipeline_dir, tmp_path_factory):
 def read_features(out: str) -> dict[str, np.ndarray]:
     parts = [np.load(os.path.join(out, "features", f"batch-{b:06d}.npz")) for b in range(2)]
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0].files}
+
+
+def results_equal_the_full_runs(out: str, full_run) -> dict:
+    """Assert that ``out``'s features (atol 1e-5), FID and CLIP score equal the one-device,
+    one-process run's; returns ``out``'s results."""
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    ours, full = read_features(out), read_features(full_run[0])
+    for key in ("pool", "clip_cos"):
+        np.testing.assert_allclose(ours[key], full[key], rtol=0, atol=1e-5, err_msg=key)
+    assert results["fid"] == pytest.approx(full_run[1]["fid"], rel=1e-4)
+    assert results["clip_score"] == pytest.approx(full_run[1]["clip_score"], rel=1e-5)
+    return results
 
 
 def test_protocol_end_to_end(full_run, inputs):
@@ -147,20 +166,11 @@ def test_four_devices_give_the_same_features(full_run, inputs, tiny_pipeline_dir
         "import sys; from instaflow_jax.cli.evaluate import main; import jax; "
         "assert jax.device_count() == 4, jax.devices(); sys.exit(main(sys.argv[1:]))"
     )
-    argv = ["--model", tiny_pipeline_dir, "--num-images", str(NUM_IMAGES), "--batch", str(BATCH)]
-    argv += ["--dtype", "float32", "--out", out]
-    for name in ("coco", "inception", "clip", "stats_cache"):
-        argv += ["--" + name.replace("_", "-"), inputs[name]]
+    argv = cli_args(tiny_pipeline_dir, out, inputs)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    with open(os.path.join(out, "results.json")) as f:
-        four = json.load(f)
-    assert four["devices"] == 4
-    ours, full = read_features(out), read_features(full_run[0])
-    for key in ("pool", "clip_cos"):
-        np.testing.assert_allclose(ours[key], full[key], rtol=0, atol=1e-5, err_msg=key)
-    assert four["fid"] == pytest.approx(full_run[1]["fid"], rel=1e-4)
+    assert results_equal_the_full_runs(out, full_run)["devices"] == 4
 
 
 def test_two_processes_give_the_same_results(full_run, inputs, tiny_pipeline_dir, tmp_path):
@@ -171,10 +181,7 @@ def test_two_processes_give_the_same_results(full_run, inputs, tiny_pipeline_dir
     from test_training import _free_port
 
     out = str(tmp_path / "two")
-    argv = ["--model", tiny_pipeline_dir, "--num-images", str(NUM_IMAGES), "--batch", str(BATCH)]
-    argv += ["--dtype", "float32", "--out", out, "--stats-cache", str(tmp_path / "stats")]
-    for name in ("coco", "inception", "clip"):
-        argv += ["--" + name, inputs[name]]
+    argv = cli_args(tiny_pipeline_dir, out, inputs, stats_cache=str(tmp_path / "stats"))
     argv += ["--coordinator-address", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
     code = "import sys; from instaflow_jax.cli.evaluate import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
@@ -191,14 +198,7 @@ def test_two_processes_give_the_same_results(full_run, inputs, tiny_pipeline_dir
     logs = [proc.communicate(timeout=900)[0] for proc in procs]
     for pid, (proc, log) in enumerate(zip(procs, logs)):
         assert proc.returncode == 0, f"process {pid}:\n{log[-3000:]}"
-    with open(os.path.join(out, "results.json")) as f:
-        two = json.load(f)
-    assert two["processes"] == 2
-    ours, full = read_features(out), read_features(full_run[0])
-    for key in ("pool", "clip_cos"):
-        np.testing.assert_allclose(ours[key], full[key], rtol=0, atol=1e-5, err_msg=key)
-    assert two["fid"] == pytest.approx(full_run[1]["fid"], rel=1e-4)
-    assert two["clip_score"] == pytest.approx(full_run[1]["clip_score"], rel=1e-5)
+    assert results_equal_the_full_runs(out, full_run)["processes"] == 2
 
 
 def test_cli_errors_say_what_to_do(tiny_pipeline_dir, inputs, tmp_path, capsys):
